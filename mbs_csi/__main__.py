@@ -1,0 +1,3 @@
+from mbs_csi.cli import main
+
+raise SystemExit(main())

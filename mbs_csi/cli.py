@@ -1,0 +1,92 @@
+"""The ``mbs-csi`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from mbs_csi import __version__, config, logs, secrets
+from mbs_csi.errors import ConfigError, EndpointError
+
+CSI_SPEC_VERSION = "1.12.0"
+EXIT_CONFIG = 2
+EXIT_START = 1
+
+log = logging.getLogger("mbs_csi")
+
+# Flags of `serve`, each overriding the config key of the same name.
+_SERVE_FLAGS: tuple[tuple[str, str], ...] = (
+    ("role", "controller, node or all (default: all)"),
+    ("endpoint", f"unix:///path/csi.sock or host:port (default: $CSI_ENDPOINT, else {config.DEFAULT_ENDPOINT})"),
+    ("driver_name", f"CSI driver name (default: {config.DEFAULT_DRIVER_NAME})"),
+    ("node_id", "this node's id (default: the hostname)"),
+    ("state_dir", f"directory for the embedded database, backend and node state (default: {config.DEFAULT_STATE_DIR})"),
+    ("database", "SQLAlchemy URL of the controller's database (default: SQLite under the state dir)"),
+    ("workers", "gRPC worker threads (default: 16)"),
+    ("grace_period", "seconds to let in-flight calls finish on SIGTERM (default: 30)"),
+    ("log_level", "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
+    ("topology", "this node's topology segments as key=value,key2=value2"),
+    ("default_backend", "backend used when a StorageClass names none (default: the first)"),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mbs-csi",
+        description="CSI driver serving volumes from any Cinder-supported storage (cinderlib + os-brick).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="run the CSI gRPC server", description="Run the CSI gRPC server for a role until SIGTERM/SIGINT."
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help=f"YAML or JSON config file (default: ${config.CONFIG_ENV}, else none)"
+    )
+    for key, help_text in _SERVE_FLAGS:
+        serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar=key.upper(), help=help_text)
+    serve.set_defaults(func=_serve)
+
+    version = sub.add_parser("version", help="print the version", description="Print the version.")
+    version.set_defaults(func=_version)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> config.Settings:
+    flags = {key: getattr(args, key, None) for key, _ in _SERVE_FLAGS}
+    return config.load_settings(args.config, os.environ, flags)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mbs_csi import server  # grpc and the services: only needed here
+
+    settings = _load(args)
+    logs.setup(settings.log_level)
+    log.debug("settings: %s", settings.describe())
+    try:
+        code = server.serve(settings)
+    except EndpointError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_START
+    # Calls cut off by the grace period may still run in worker threads, and a normal interpreter exit
+    # would join them (the very wait the grace period bounds). The drain is over: leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"mbs-csi {__version__} (CSI spec {CSI_SPEC_VERSION})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"mbs-csi: configuration error: {secrets.scrub(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG

@@ -1,0 +1,496 @@
+"""Typed settings from a YAML/JSON file, ``MBS_CSI_*`` environment variables and command-line flags.
+
+Precedence, lowest first: built-in defaults, the config file, the environment, flags. Everything is
+validated once, at start: an unknown key, a missing ``volume_driver`` or a value of the wrong type
+raises :class:`~mbs_csi.errors.ConfigError` naming the source, the key and what was expected, and the
+CLI exits with code 2.
+
+Unknown ``MBS_CSI_*`` environment variables are ignored on purpose: Kubernetes injects
+``<SERVICE>_SERVICE_HOST``/``_PORT`` variables for every Service in the namespace, and a Service named
+``mbs-csi-...`` produces ``MBS_CSI_...`` names the driver must not choke on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from mbs_csi import secrets
+from mbs_csi.errors import ConfigError
+
+ROLES = ("controller", "node", "all")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_ENDPOINT = "unix:///run/mbs-csi/csi.sock"
+DEFAULT_STATE_DIR = "/var/lib/mbs-csi"
+DEFAULT_DRIVER_NAME = "mbs.csi.io"
+LOOPBACK_DRIVER = "mbs_csi.drivers.loopback.LoopbackDriver"
+LOOPBACK_BACKEND_NAME = "loopback"
+
+# CSI: plugin names are domain-name style, at most 63 characters, alphanumeric at both ends.
+_DRIVER_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]{0,61}[A-Za-z0-9])?$")
+_BACKEND_NAME_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
+_CLASS_PATH_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+_NODE_ID_MAX_BYTES = 256  # CSI limit on node_id
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the gRPC server listens: a unix socket path or a TCP ``host:port``."""
+
+    scheme: str  # "unix" or "tcp"
+    address: str  # socket path, or host:port
+
+    @property
+    def grpc_target(self) -> str:
+        return f"unix://{self.address}" if self.scheme == "unix" else self.address
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.address}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Accept ``unix:///path``, ``unix:/path``, ``tcp://host:port`` and ``host:port``."""
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        path = "/" + path.lstrip("/")
+        if path == "/":
+            raise ValueError("a unix endpoint needs a socket path, e.g. unix:///csi/csi.sock")
+        return Endpoint("unix", path)
+    address = text.removeprefix("tcp://")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected unix:///path/to.sock, tcp://host:port or host:port")
+    return Endpoint("tcp", address)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A storage backend: a Cinder volume driver and its options (a "storage domain" in the seed)."""
+
+    name: str
+    volume_driver: str
+    driver_options: Mapping[str, Any] = field(default_factory=dict)
+    driver_sensitive_options: Mapping[str, secrets.Secret] = field(default_factory=dict)
+    topology: Mapping[str, str] = field(default_factory=dict)
+
+    def all_options(self) -> dict[str, Any]:
+        """Plain and sensitive options together, secrets revealed: for handing to the driver only."""
+        merged = dict(self.driver_options)
+        merged.update({k: v.reveal() for k, v in self.driver_sensitive_options.items()})
+        return merged
+
+    def describe(self) -> dict[str, Any]:
+        """A loggable view: sensitive values masked."""
+        return {
+            "name": self.name,
+            "volume_driver": self.volume_driver,
+            "driver_options": dict(self.driver_options),
+            "driver_sensitive_options": secrets.masked(self.driver_sensitive_options),
+            "topology": dict(self.topology),
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    role: str = "all"
+    endpoint: Endpoint = field(default_factory=lambda: parse_endpoint(DEFAULT_ENDPOINT))
+    driver_name: str = DEFAULT_DRIVER_NAME
+    node_id: str = field(default_factory=socket.gethostname)
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    # SQLAlchemy URL; may embed a password, so it is kept out of repr (see database_display).
+    database: str = field(default="", repr=False)
+    workers: int = 16
+    grace_period: float = 30.0
+    log_level: str = "INFO"
+    topology: Mapping[str, str] = field(default_factory=dict)
+    default_backend: str | None = None
+    backends: tuple[Backend, ...] = ()
+
+    @property
+    def database_display(self) -> str:
+        return secrets.redact_url(self.database)
+
+    @property
+    def runs_controller(self) -> bool:
+        return self.role in ("controller", "all")
+
+    @property
+    def runs_node(self) -> bool:
+        return self.role in ("node", "all")
+
+    @property
+    def has_topology(self) -> bool:
+        return bool(self.topology) or any(b.topology for b in self.backends)
+
+    def backend(self, name: str | None) -> Backend | None:
+        """The backend called ``name``, or the default one when ``name`` is None."""
+        wanted = name if name is not None else self.default_backend
+        return next((b for b in self.backends if b.name == wanted), None)
+
+    def describe(self) -> dict[str, Any]:
+        """A loggable view of every setting, with sensitive values masked."""
+        return {
+            "role": self.role,
+            "endpoint": str(self.endpoint),
+            "driver_name": self.driver_name,
+            "node_id": self.node_id,
+            "state_dir": str(self.state_dir),
+            "database": self.database_display,
+            "workers": self.workers,
+            "grace_period": self.grace_period,
+            "log_level": self.log_level,
+            "topology": dict(self.topology),
+            "default_backend": self.default_backend,
+            "backends": [b.describe() for b in self.backends],
+        }
+
+
+# --- scalar options: one row per key, shared by the file, the environment and the flags ------------
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    expected: str  # what a person should write, for error messages
+    from_text: Callable[[str], Any]  # parses an env/flag string
+    from_file: Callable[[Any], Any]  # checks a value already typed by YAML/JSON
+    env: str = ""
+
+    @property
+    def env_name(self) -> str:
+        return self.env or "MBS_CSI_" + self.key.upper()
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value
+
+
+def _positive_int_text(text: str) -> int:
+    return _positive(int(text))
+
+
+def _positive(value: int) -> int:
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise TypeError
+    return float(value)
+
+
+def _choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = _str(value)
+        text = text.upper() if upper else text
+        if text not in choices:
+            raise ValueError
+        return text
+
+    return check
+
+
+def _labels_text(text: str) -> dict[str, str]:
+    """``zone=a,rack=r1`` -> {"zone": "a", "rack": "r1"}"""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise ValueError
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise TypeError
+    if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
+        raise TypeError
+    return dict(value)
+
+
+def _endpoint(value: Any) -> Endpoint:
+    return parse_endpoint(_str(value))
+
+
+def _driver_name(value: Any) -> str:
+    if not _DRIVER_NAME_RE.match(_str(value)):
+        raise ValueError
+    return value
+
+
+def _node_id(value: Any) -> str:
+    if len(_str(value).encode()) > _NODE_ID_MAX_BYTES:
+        raise ValueError
+    return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("role", "one of " + ", ".join(ROLES), _choice(ROLES), _choice(ROLES)),
+    Option(
+        "endpoint",
+        "unix:///path/to/csi.sock, tcp://host:port or host:port",
+        _endpoint,
+        _endpoint,
+        env="CSI_ENDPOINT",
+    ),
+    Option(
+        "driver_name",
+        "a domain-name style name of at most 63 characters, e.g. mbs.csi.io",
+        _driver_name,
+        _driver_name,
+    ),
+    Option("node_id", f"a non-empty string of at most {_NODE_ID_MAX_BYTES} bytes", _node_id, _node_id),
+    Option("state_dir", "an absolute directory path", lambda t: _abs_path(t), lambda v: _abs_path(_str(v))),
+    Option("database", "an SQLAlchemy URL, e.g. postgresql://user:password@host/db", _str, _str),
+    Option("workers", "an integer >= 1", _positive_int_text, lambda v: _positive(_int(v))),
+    Option("grace_period", "a number of seconds >= 0", lambda t: _seconds(float(t)), _seconds),
+    Option(
+        "log_level",
+        "one of " + ", ".join(LOG_LEVELS),
+        _choice(LOG_LEVELS, upper=True),
+        _choice(LOG_LEVELS, upper=True),
+    ),
+    Option("topology", "a mapping of topology keys to values (env/flag: key=value,key2=value2)", _labels_text, _labels),
+    Option("default_backend", "the name of a configured backend", _str, _str),
+)
+_OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+FILE_KEYS = (*_OPTION_BY_KEY, "backends")
+BACKEND_KEYS = ("name", "volume_driver", "driver_options", "driver_sensitive_options", "topology")
+CONFIG_ENV = "MBS_CSI_CONFIG"
+
+
+def _abs_path(text: str) -> Path:
+    path = Path(text)
+    if not path.is_absolute():
+        raise ValueError
+    return path
+
+
+def _describe(value: Any, sensitive: bool = False) -> str:
+    """How to show a rejected value in an error: its type only when it may be a secret."""
+    kind = type(value).__name__
+    if sensitive:
+        return f"a value of type {kind}"
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({kind})"
+
+
+def _convert(option: Option, raw: Any, source: str, from_text: bool) -> Any:
+    try:
+        return option.from_text(raw) if from_text else option.from_file(raw)
+    except (TypeError, ValueError):
+        sensitive = option.key == "database"
+        raise ConfigError(source, option.key, f"expected {option.expected}, got {_describe(raw, sensitive)}") from None
+
+
+# --- the config file -------------------------------------------------------------------------------
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Parse a YAML or JSON config file into a mapping (no validation of keys yet)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            path, "", f"cannot read the config file: {exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(path, "", f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(path, "", f"not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", f"expected a mapping of settings at the top, got {type(data).__name__}")
+    return data
+
+
+def _mapping(value: Any, source: str, key: str, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(source, key, f"expected {what}, got {_describe(value, sensitive=True)}")
+    return dict(value)
+
+
+def _plain_option(value: Any) -> bool:
+    scalar = (str, int, float, bool)
+    return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
+
+
+def parse_backend(raw: Any, source: str, key: str) -> Backend:
+    """Validate one entry of ``backends``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            source, key, f"expected a mapping with keys {', '.join(BACKEND_KEYS)}, got {_describe(raw, sensitive=True)}"
+        )
+    for name in raw:
+        if name not in BACKEND_KEYS:
+            raise ConfigError(source, f"{key}.{name}", f"unknown key; expected one of {', '.join(BACKEND_KEYS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _BACKEND_NAME_RE.match(name):
+        raise ConfigError(
+            source,
+            f"{key}.name",
+            "missing or invalid; expected a name of letters, digits, "
+            "'-', '_' or '.' (at most 63 characters), e.g. ceph-ssd",
+        )
+    driver = raw.get("volume_driver")
+    if driver is None:
+        raise ConfigError(
+            source,
+            f"{key}.volume_driver",
+            "missing; expected the Python path of a Cinder "
+            "volume driver class, e.g. "
+            "cinder.volume.drivers.rbd.RBDDriver",
+        )
+    if not isinstance(driver, str) or not _CLASS_PATH_RE.match(driver):
+        raise ConfigError(
+            source,
+            f"{key}.volume_driver",
+            f"expected the Python path of a Cinder volume driver class, got {_describe(driver)}",
+        )
+    plain = _mapping(raw.get("driver_options"), source, f"{key}.driver_options", "a mapping of option names to values")
+    for opt, value in plain.items():
+        if not _plain_option(value):
+            raise ConfigError(
+                source,
+                f"{key}.driver_options.{opt}",
+                f"expected a string, number, boolean or list of them, got {_describe(value)}",
+            )
+    sensitive_raw = _mapping(
+        raw.get("driver_sensitive_options"),
+        source,
+        f"{key}.driver_sensitive_options",
+        "a mapping of option names to secret values",
+    )
+    sensitive: dict[str, secrets.Secret] = {}
+    for opt, value in sensitive_raw.items():
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(
+                source,
+                f"{key}.driver_sensitive_options.{opt}",
+                f"expected a string, got {_describe(value, sensitive=True)}",
+            )
+        sensitive[opt] = secrets.Secret(str(value))
+        if opt in plain:
+            raise ConfigError(
+                source,
+                f"{key}.driver_sensitive_options.{opt}",
+                "also set in driver_options; set a sensitive option in one place only",
+            )
+    try:
+        topology = _labels(raw.get("topology") or {})
+    except TypeError:
+        raise ConfigError(
+            source,
+            f"{key}.topology",
+            f"expected a mapping of topology keys to string values, got {_describe(raw.get('topology'))}",
+        ) from None
+    return Backend(
+        name=name,
+        volume_driver=driver,
+        driver_options=MappingProxyType(plain),
+        driver_sensitive_options=MappingProxyType(sensitive),
+        topology=MappingProxyType(topology),
+    )
+
+
+def loopback_backend(state_dir: Path) -> Backend:
+    """The embedded default backend: sparse files under the state dir (single host only)."""
+    return Backend(
+        name=LOOPBACK_BACKEND_NAME,
+        volume_driver=LOOPBACK_DRIVER,
+        driver_options=MappingProxyType({"loopback_dir": str(state_dir / "loopback")}),
+    )
+
+
+# --- putting it together ----------------------------------------------------------------------------
+
+
+def load_settings(
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, str | None] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from defaults < file < environment < flags.
+
+    ``config_path`` falls back to ``$MBS_CSI_CONFIG``. ``flags`` maps option keys to the strings given
+    on the command line (None for a flag not given).
+    """
+    env = env or {}
+    flags = flags or {}
+    config_path = config_path or env.get(CONFIG_ENV) or None
+    values: dict[str, Any] = {}
+    raw_backends: Any = None
+
+    if config_path:
+        data = read_file(config_path)
+        for key, raw in data.items():
+            if key == "backends":
+                raw_backends = raw
+            elif key in _OPTION_BY_KEY:
+                values[key] = _convert(_OPTION_BY_KEY[key], raw, config_path, from_text=False)
+            else:
+                raise ConfigError(config_path, str(key), f"unknown key; expected one of {', '.join(FILE_KEYS)}")
+
+    for option in OPTIONS:
+        if option.env_name in env and env[option.env_name] != "":
+            values[option.key] = _convert(option, env[option.env_name], f"environment {option.env_name}", True)
+    for key, text in flags.items():
+        if text is not None:
+            flag = "--" + key.replace("_", "-")
+            values[key] = _convert(_OPTION_BY_KEY[key], text, f"flag {flag}", from_text=True)
+
+    state_dir = values.get("state_dir", Path(DEFAULT_STATE_DIR))
+    values.setdefault("database", f"sqlite:///{state_dir}/mbs-csi.sqlite")
+    password = secrets.url_password(values["database"])
+    if password:
+        secrets.register(password)
+
+    source = config_path or "defaults"
+    backends = _parse_backends(raw_backends, source) if raw_backends is not None else (loopback_backend(state_dir),)
+    default = values.get("default_backend")
+    if default is None and len(backends) >= 1:
+        values["default_backend"] = backends[0].name
+    elif default is not None and default not in {b.name for b in backends}:
+        raise ConfigError(
+            source,
+            "default_backend",
+            f"no backend called {default!r}; configured: {', '.join(b.name for b in backends) or 'none'}",
+        )
+    values["topology"] = MappingProxyType(values.get("topology", {}))
+    return Settings(backends=backends, **values)
+
+
+def _parse_backends(raw: Any, source: str) -> tuple[Backend, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(source, "backends", f"expected a list of backends, got {_describe(raw, sensitive=True)}")
+    backends = tuple(parse_backend(item, source, f"backends[{i}]") for i, item in enumerate(raw))
+    seen: set[str] = set()
+    for i, backend in enumerate(backends):
+        if backend.name in seen:
+            raise ConfigError(source, f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
+        seen.add(backend.name)
+    return backends

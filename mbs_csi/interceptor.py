@@ -1,0 +1,106 @@
+"""The one gRPC server interceptor: request id, a log line in and out, and error-to-status mapping.
+
+Handlers raise; this turns whatever they raise into a status through ``errors.to_status`` (the one
+table), scrubs secrets from the message, and never lets a traceback reach the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import text_format
+from google.protobuf.message import Message
+
+from csi import csi_pb2
+from mbs_csi import errors, logs, secrets
+
+log = logging.getLogger("mbs_csi.rpc")
+
+# Request fields that identify what a call is about, in the order they are logged.
+_ID_FIELDS = ("volume_id", "snapshot_id", "source_volume_id", "name", "node_id", "group_snapshot_id")
+
+
+def redacted(message: Message) -> Message:
+    """A copy of ``message`` whose fields marked ``csi_secret`` (at any depth) show ``***``."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    _redact(copy)
+    return copy
+
+
+def _redact(message: Message) -> None:
+    for fd, value in message.ListFields():
+        if fd.GetOptions().Extensions[csi_pb2.csi_secret]:
+            for key in list(value):
+                value[key] = secrets.MASK
+        elif fd.message_type is None:
+            continue
+        elif fd.message_type.GetOptions().map_entry:
+            if fd.message_type.fields_by_name["value"].message_type is not None:
+                for item in value.values():
+                    _redact(item)
+        elif fd.is_repeated:
+            for item in value:
+                _redact(item)
+        else:
+            _redact(value)
+
+
+def describe_ids(request: Any) -> str:
+    """`` volume_id=... name=...`` (leading space) for the identifying fields the request has set."""
+    parts = [""]
+    for name in _ID_FIELDS:
+        value = getattr(request, name, "")
+        if isinstance(value, str) and value:
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+def _short(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
+
+
+class RpcInterceptor(grpc.ServerInterceptor):
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = _short(handler_call_details.method)
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._wrap(method, handler.unary_unary, stream=False))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._wrap(method, handler.unary_stream, stream=True))
+        return handler
+
+    def _wrap(self, method: str, behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            rid = uuid.uuid4().hex[:16]
+            token = logs.request_id.set(rid)
+            context.set_trailing_metadata((("x-request-id", rid),))
+            started = time.monotonic()
+            status = grpc.StatusCode.OK
+            ids = describe_ids(request)
+            log.info("%s called%s", method, ids)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s request: %s", method, text_format.MessageToString(redacted(request), as_one_line=True))
+            try:
+                try:
+                    result = behavior(request, context)
+                    return list(result) if stream else result
+                except Exception as exc:
+                    status, message = errors.to_status(exc, rid)
+                    if isinstance(exc, errors.CSIError | NotImplementedError):
+                        log.warning("%s failed: %s", method, message)
+                    else:
+                        log.exception("%s failed unexpectedly", method)
+                    context.abort(status, secrets.scrub(message))
+            finally:
+                log.info("%s done%s status=%s in %.3fs", method, ids, status.name, time.monotonic() - started)
+                logs.request_id.reset(token)
+
+        return call

@@ -1,0 +1,98 @@
+"""Sensitive values: a wrapper that never prints itself, and scrubbing of text that might hold one.
+
+Every sensitive value the driver learns (a backend's ``driver_sensitive_options``, the password in a
+database URL, CSI ``secrets`` maps) is wrapped in :class:`Secret` and registered here, so that the log
+formatter and the error mapping can scrub it from any text on its way out, whatever path it took.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+MASK = "***"
+# Shorter values are not scrubbed from free text: masking every "a" or "42" in a log line would make
+# logs unreadable while protecting nothing a guess would not find. Secret() still masks them in repr.
+MIN_SCRUB_LENGTH = 4
+
+_lock = threading.Lock()
+_known: set[str] = set()
+_ordered: tuple[str, ...] = ()  # longest first, so a secret containing another is masked whole
+
+
+class Secret:
+    """A sensitive string. ``str``/``repr``/formatting show ``***``; :meth:`reveal` gives the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        register(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK!r})"
+
+    def __str__(self) -> str:
+        return MASK
+
+    def __format__(self, spec: str) -> str:
+        return MASK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:  # pickling (worker processes) keeps the value and re-registers it
+        return (Secret, (self._value,))
+
+
+def register(value: str) -> None:
+    """Remember ``value`` so that :func:`scrub` masks it wherever it shows up."""
+    global _ordered
+    if len(value) < MIN_SCRUB_LENGTH:
+        return
+    with _lock:
+        if value in _known:
+            return
+        _known.add(value)
+        _ordered = tuple(sorted(_known, key=len, reverse=True))
+
+
+def register_all(values: Iterable[str]) -> None:
+    for value in values:
+        register(value)
+
+
+def scrub(text: str) -> str:
+    """Return ``text`` with every registered secret replaced by ``***``."""
+    for value in _ordered:
+        if value in text:
+            text = text.replace(value, MASK)
+    return text
+
+
+def masked(mapping: Mapping[str, Any]) -> dict[str, str]:
+    """The keys of ``mapping`` with every value shown as ``***``."""
+    return dict.fromkeys(mapping, MASK)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: ``postgresql://u:***@host/db``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{netloc}"))
+
+
+def url_password(url: str) -> str | None:
+    """The password embedded in ``url``, if any."""
+    return urlsplit(url).password

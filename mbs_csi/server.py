@@ -1,0 +1,130 @@
+"""The gRPC server: endpoint preparation, service registration per role, graceful shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from csi import csi_pb2_grpc
+from mbs_csi import __version__
+from mbs_csi.config import Endpoint, Settings
+from mbs_csi.errors import EndpointError
+from mbs_csi.health import DatabaseReachable, Readiness, StateDirWritable
+from mbs_csi.identity import IdentityService
+from mbs_csi.interceptor import RpcInterceptor
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes, NUL included
+
+
+def prepare_unix_socket(path: str) -> None:
+    """Make ``path`` bindable: create its directory, replace a stale socket, refuse a live one."""
+    if len(path.encode()) > _UNIX_PATH_MAX:
+        raise EndpointError(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes; choose a shorter one")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise EndpointError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s left by an earlier run", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        raise EndpointError(f"cannot tell whether socket {path} is in use: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise EndpointError(f"another process is already serving on {path}; stop it or choose another endpoint")
+
+
+def readiness_for(settings: Settings) -> Readiness:
+    readiness = Readiness()
+    if settings.runs_controller:
+        readiness.add(DatabaseReachable(settings.database))
+    if settings.runs_node:
+        readiness.add(StateDirWritable(settings.state_dir))
+    return readiness
+
+
+class Server:
+    """A started gRPC server for one role; :meth:`stop` drains in-flight calls."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.readiness = readiness_for(settings)
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+            interceptors=[RpcInterceptor()],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(settings, self.readiness), self._grpc)
+
+    def start(self) -> None:
+        endpoint = self.settings.endpoint
+        if endpoint.scheme == "unix":
+            prepare_unix_socket(endpoint.address)
+            old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
+            try:
+                self._bind(endpoint)
+            finally:
+                os.umask(old_umask)
+            os.chmod(endpoint.address, SOCKET_MODE)
+        else:
+            self._bind(endpoint)
+        self._grpc.start()
+        log.info("mbs-csi %s serving role=%s on %s", __version__, self.settings.role, endpoint)
+
+    def _bind(self, endpoint: Endpoint) -> None:
+        try:
+            port = self._grpc.add_insecure_port(endpoint.grpc_target)
+        except RuntimeError as exc:
+            raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
+        if port == 0:
+            raise EndpointError(f"cannot listen on {endpoint}: address in use or not available")
+
+    def stop(self, grace: float) -> None:
+        """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds, then close."""
+        self._grpc.stop(grace).wait()
+        endpoint = self.settings.endpoint
+        if endpoint.scheme == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(endpoint.address)
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain and return the exit code."""
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info(
+            "received %s: draining in-flight calls for up to %.0fs", signal.Signals(signum).name, settings.grace_period
+        )
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = Server(settings)
+    server.start()
+    while not stop_requested.wait(1.0):
+        pass
+    server.stop(settings.grace_period)
+    log.info("stopped")
+    return 0
