@@ -26,6 +26,8 @@ _SERVE_FLAGS: tuple[tuple[str, str], ...] = (
     ("state_dir", f"directory for the embedded database, backend and node state (default: {config.DEFAULT_STATE_DIR})"),
     ("database", "SQLAlchemy URL of the controller's database (default: SQLite under the state dir)"),
     ("workers", "gRPC worker threads (default: 16)"),
+    ("backend_workers", "controller: processes running cinderlib calls, one call each at a time (default: 4)"),
+    ("backend_timeout", "controller: seconds a backend call may take before its worker is replaced (default: 300)"),
     ("grace_period", "seconds to let in-flight calls finish on SIGTERM (default: 30)"),
     ("log_level", "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
     ("topology", "this node's topology segments as key=value,key2=value2"),

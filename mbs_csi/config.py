@@ -108,6 +108,8 @@ class Settings:
     # SQLAlchemy URL; may embed a password, so it is kept out of repr (see database_display).
     database: str = field(default="", repr=False)
     workers: int = 16
+    backend_workers: int = 4
+    backend_timeout: float = 300.0
     grace_period: float = 30.0
     log_level: str = "INFO"
     topology: Mapping[str, str] = field(default_factory=dict)
@@ -145,6 +147,8 @@ class Settings:
             "state_dir": str(self.state_dir),
             "database": self.database_display,
             "workers": self.workers,
+            "backend_workers": self.backend_workers,
+            "backend_timeout": self.backend_timeout,
             "grace_period": self.grace_period,
             "log_level": self.log_level,
             "topology": dict(self.topology),
@@ -195,6 +199,13 @@ def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise TypeError
     return float(value)
+
+
+def _at_least_1s(value: Any) -> float:
+    seconds = _seconds(value)
+    if seconds < 1:
+        raise ValueError
+    return seconds
 
 
 def _choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[Any], str]:
@@ -259,6 +270,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("state_dir", "an absolute directory path", lambda t: _abs_path(t), lambda v: _abs_path(_str(v))),
     Option("database", "an SQLAlchemy URL, e.g. postgresql://user:password@host/db", _str, _str),
     Option("workers", "an integer >= 1", _positive_int_text, lambda v: _positive(_int(v))),
+    Option("backend_workers", "an integer >= 1", _positive_int_text, lambda v: _positive(_int(v))),
+    Option("backend_timeout", "a number of seconds >= 1", lambda t: _at_least_1s(float(t)), lambda v: _at_least_1s(v)),
     Option("grace_period", "a number of seconds >= 0", lambda t: _seconds(float(t)), _seconds),
     Option(
         "log_level",

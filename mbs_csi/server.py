@@ -15,8 +15,11 @@ from pathlib import Path
 import grpc
 
 from csi import csi_pb2_grpc
-from mbs_csi import __version__
+from mbs_csi import __version__, secrets
 from mbs_csi.config import Endpoint, Settings
+from mbs_csi.controller.pool import WorkerPool
+from mbs_csi.controller.records import BackendSpec, WorkerConfig
+from mbs_csi.controller.service import ControllerService
 from mbs_csi.errors import EndpointError
 from mbs_csi.health import DatabaseReachable, Readiness, StateDirWritable
 from mbs_csi.identity import IdentityService
@@ -64,6 +67,19 @@ def readiness_for(settings: Settings) -> Readiness:
     return readiness
 
 
+def worker_config(settings: Settings) -> WorkerConfig:
+    """What the controller's backend workers need, secrets revealed for them (and listed for scrubbing)."""
+    password = secrets.url_password(settings.database)
+    sensitive = [s.reveal() for b in settings.backends for s in b.driver_sensitive_options.values()]
+    return WorkerConfig(
+        database=settings.database,
+        state_dir=str(settings.state_dir),
+        log_level=settings.log_level,
+        backends=tuple(BackendSpec(b.name, b.volume_driver, b.all_options()) for b in settings.backends),
+        secrets=tuple(sensitive + ([password] if password else [])),
+    )
+
+
 class Server:
     """A started gRPC server for one role; :meth:`stop` drains in-flight calls."""
 
@@ -76,6 +92,11 @@ class Server:
             options=[("grpc.so_reuseport", 0)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(settings, self.readiness), self._grpc)
+        self.pool: WorkerPool | None = None
+        if settings.runs_controller:
+            self.pool = WorkerPool(worker_config(settings), settings.backend_workers, settings.backend_timeout)
+            self.readiness.add(lambda: "; ".join(self.pool.problems()) if self.pool else None)
+            csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, self.pool), self._grpc)
 
     def start(self) -> None:
         endpoint = self.settings.endpoint
@@ -89,6 +110,8 @@ class Server:
             os.chmod(endpoint.address, SOCKET_MODE)
         else:
             self._bind(endpoint)
+        if self.pool is not None:
+            self.pool.start()
         self._grpc.start()
         log.info("mbs-csi %s serving role=%s on %s", __version__, self.settings.role, endpoint)
 
@@ -103,6 +126,8 @@ class Server:
     def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds, then close."""
         self._grpc.stop(grace).wait()
+        if self.pool is not None:
+            self.pool.close()
         endpoint = self.settings.endpoint
         if endpoint.scheme == "unix":
             with contextlib.suppress(FileNotFoundError):

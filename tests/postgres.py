@@ -42,9 +42,14 @@ class PostgresCluster:
             cwd="/tmp",
         )
 
-    def url(self, password: str = "") -> str:
+    def url(self, password: str = "", database: str = "mbs") -> str:
         auth = f"postgres:{password}" if password else "postgres"
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/mbs"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self, name: str) -> str:
+        """Create an empty database and return its URL."""
+        self._as_postgres("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return self.url(database=name)
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"

@@ -1,0 +1,200 @@
+"""The front's side of the backend workers: start them, hand each call to an idle one, bound every
+call with a timeout, and replace a worker that hangs or dies.
+
+A call never waits on a worker that is still starting: it waits for an idle worker, and fails at once
+with UNAVAILABLE (and the reason) while no worker could be started at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from mbs_csi import errors
+from mbs_csi.controller.records import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 5.0  # seconds between attempts to start a worker that failed to start
+
+
+class WorkerGone(Exception):
+    """The worker process died or stopped answering."""
+
+
+class WorkerProcess:
+    def __init__(self, config: WorkerConfig) -> None:
+        parent, child = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mbs_csi.controller.worker", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self.conn = Connection(parent.detach())
+        self.conn.send(config)
+
+    def receive(self, timeout: float) -> Any:
+        try:
+            if not self.conn.poll(timeout):
+                raise TimeoutError
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerGone(f"worker {self.proc.pid} exited with {self.proc.poll()}") from exc
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+class WorkerPool:
+    def __init__(self, config: WorkerConfig, size: int, call_timeout: float, start_timeout: float = 120.0) -> None:
+        self.config = config
+        self.size = size
+        self.call_timeout = call_timeout
+        self.start_timeout = start_timeout
+        self._idle: queue.Queue[WorkerProcess] = queue.Queue()
+        self._lock = threading.Lock()
+        self._workers: set[WorkerProcess] = set()
+        self._ready: set[WorkerProcess] = set()
+        self._start_error: str | None = None  # why the last worker failed to start
+        self._backend_errors: dict[str, str | None] = {}
+        self._closed = False
+
+    # --- life cycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self._spawn_later(0)
+
+    def _spawn_later(self, delay: float) -> None:
+        threading.Thread(target=self._spawn, args=(delay,), name="worker-start", daemon=True).start()
+
+    def _spawn(self, delay: float) -> None:
+        time.sleep(delay)
+        if self._closed:
+            return
+        worker = WorkerProcess(self.config)
+        with self._lock:
+            self._workers.add(worker)
+        try:
+            kind, payload = worker.receive(self.start_timeout)
+        except (TimeoutError, WorkerGone) as exc:
+            kind, payload = "fatal", f"backend worker did not start ({type(exc).__name__} {exc})"
+        if kind != "ready":
+            self._retire(worker)
+            log.error("%s; retrying in %.0fs", payload, RESTART_DELAY)
+            with self._lock:
+                self._start_error = payload
+            self._spawn_later(RESTART_DELAY)
+            return
+        with self._lock:
+            self._ready.add(worker)
+            self._start_error = None
+            self._backend_errors = payload
+        self._idle.put(worker)
+        if self._closed:
+            self._retire(worker)
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        worker.kill()
+        with self._lock:
+            self._workers.discard(worker)
+            self._ready.discard(worker)
+
+    def _replace(self, worker: WorkerProcess) -> None:
+        self._retire(worker)
+        self._spawn_later(0)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            self._retire(worker)
+
+    # --- health -------------------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Why the controller cannot serve now: no worker up, or a backend that failed to initialise."""
+        with self._lock:
+            found = [] if self._ready else [self._start_error or "backend workers are starting"]
+            found += [
+                f"backend {name} failed to initialise: {err}" for name, err in self._backend_errors.items() if err
+            ]
+        return found
+
+    # --- calls --------------------------------------------------------------------------------------
+
+    def _acquire(self, deadline: float) -> WorkerProcess:
+        while True:
+            with self._lock:
+                start_error = None if self._ready else self._start_error
+            if start_error:
+                raise errors.Unavailable(start_error)
+            try:
+                worker = self._idle.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise errors.Unavailable(
+                        f"no backend worker was free for {self.call_timeout:.0f}s; retry"
+                    ) from None
+                continue
+            if worker.proc.poll() is None:
+                return worker
+            log.warning(
+                "backend worker %d died while idle (exit %s); replacing it", worker.proc.pid, worker.proc.poll()
+            )
+            self._replace(worker)
+
+    def call(self, operation: str, request_id: str = "", timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run ``operation`` in a worker and return its result, or raise the error it answered.
+
+        A worker that dies under a call is replaced and the call is tried once more on another: every
+        operation is idempotent (see adapter.py), and the usual cause is a worker that died while idle,
+        just before it was handed the call. A worker that hangs is replaced too, but the call is not
+        retried: it may still be running on the storage.
+        """
+        timeout = timeout or self.call_timeout
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):
+            worker = self._acquire(deadline)
+            try:
+                worker.conn.send((request_id, operation, kwargs))
+                kind, payload = worker.receive(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self._replace(worker)
+                raise errors.DeadlineExceeded(
+                    f"backend call {operation} took longer than {timeout:.0f}s; its worker was replaced. "
+                    "The operation may still complete on the storage: retry the request"
+                ) from None
+            except (WorkerGone, OSError) as exc:
+                self._replace(worker)
+                log.warning(
+                    "backend worker died during %s (%s)%s", operation, exc, "; retrying" if attempt == 1 else ""
+                )
+                if attempt == 2:
+                    raise errors.Unavailable(
+                        f"backend worker died during {operation} ({exc}); retry the request"
+                    ) from None
+                continue
+            self._idle.put(worker)
+            if kind == "ok":
+                return payload
+            name, message = payload
+            raise getattr(errors, name, errors.Internal)(message)
+        raise AssertionError("unreachable")

@@ -1,0 +1,387 @@
+"""CSI Controller service: validates, holds the per-volume/per-name locks, and dispatches each call to
+a backend worker (``pool.py``). No cinder code runs in this process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from csi import csi_pb2, csi_pb2_grpc
+from mbs_csi import errors, logs
+from mbs_csi.config import Backend, Settings
+from mbs_csi.controller import validate
+from mbs_csi.controller.inflight import InFlight
+from mbs_csi.controller.pool import WorkerPool
+from mbs_csi.controller.records import GIB, SnapshotRecord, VolumeRecord
+from mbs_csi.controller.validate import require
+from mbs_csi.publish_context import to_publish_context
+
+RPC = csi_pb2.ControllerServiceCapability.RPC
+USABLE = ("available", "in-use")
+STATS_TTL = 30.0  # seconds a backend's stats are reused for GetCapacity and multiattach checks
+
+# What a volume remembers about the request that made it, in its metadata (cinder caps values at 255).
+META_ACCESS = "csi.access_type"
+META_FS = "csi.fs_type"
+META_PARAMETERS = "csi.parameters_sha256"
+
+T = TypeVar("T")
+
+
+def _parameters_digest(parameters: dict[str, str]) -> str:
+    relevant = {k: v for k, v in parameters.items() if not k.startswith(validate.K8S_PARAMETER_PREFIX)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, token: str) -> tuple[list[T], str]:
+    """A page of ``items`` (sorted by ``key``) starting at ``token``, and the next token ("" at the end).
+
+    Tokens are the key of the first item of the next page, so pages stay stable while items come and go.
+    """
+    if max_entries < 0:
+        raise errors.InvalidArgument("max_entries cannot be negative")
+    ordered = sorted(items, key=key)
+    start = 0
+    if token:
+        starts = [i for i, item in enumerate(ordered) if key(item) >= token]
+        if not starts or key(ordered[starts[0]]) != token:
+            raise errors.Aborted(f"starting_token {token!r} is not valid (any more); list again from the start")
+        start = starts[0]
+    end = len(ordered) if not max_entries else min(len(ordered), start + max_entries)
+    return ordered[start:end], key(ordered[end]) if end < len(ordered) else ""
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.inflight = InFlight()
+        self._stats: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._stats_lock = threading.Lock()
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _call(self, operation: str, **kwargs: Any) -> Any:
+        return self.pool.call(operation, request_id=logs.request_id.get(), **kwargs)
+
+    def stats(self, backend: Backend) -> dict[str, Any]:
+        with self._stats_lock:
+            cached = self._stats.get(backend.name)
+        if cached and time.monotonic() - cached[0] < STATS_TTL:
+            return cached[1]
+        stats = self._call("stats", backend=backend.name)
+        with self._stats_lock:
+            self._stats[backend.name] = (time.monotonic(), stats)
+        return stats
+
+    def _volume(self, volume_id: str) -> VolumeRecord:
+        record = self._call("get_volume", volume_id=volume_id)
+        if record is None or record.status not in USABLE:
+            raise errors.NotFound(f"volume {volume_id} does not exist")
+        return record
+
+    def _csi_volume(self, record: VolumeRecord) -> csi_pb2.Volume:
+        backend = self.settings.backend(record.backend)
+        source = csi_pb2.VolumeContentSource()
+        if record.source_snapshot_id:
+            source.snapshot.snapshot_id = record.source_snapshot_id
+        elif record.source_volume_id:
+            source.volume.volume_id = record.source_volume_id
+        return csi_pb2.Volume(
+            volume_id=record.id,
+            capacity_bytes=record.size_bytes,
+            volume_context={"backend": record.backend},
+            content_source=source if source.WhichOneof("type") else None,
+            accessible_topology=validate.accessible_topology(backend, None) if backend else [],
+        )
+
+    @staticmethod
+    def _csi_snapshot(record: SnapshotRecord) -> csi_pb2.Snapshot:
+        return csi_pb2.Snapshot(
+            size_bytes=record.size_bytes,
+            snapshot_id=record.id,
+            source_volume_id=record.volume_id,
+            creation_time=_timestamp(record.created_at),
+            ready_to_use=record.status == "available",
+        )
+
+    # --- volumes ------------------------------------------------------------------------------------
+
+    def CreateVolume(self, request, context):
+        require(request.name, "name")
+        backend = validate.backend_for(self.settings, request.parameters)
+        caps = list(request.volume_capabilities)
+        require(caps, "volume_capabilities")
+        wants = validate.access(caps, multiattach=self.stats(backend)["multiattach"])
+        validate.accessible_topology(  # the answer carries the backend's topology; this checks the request's
+            backend, request.accessibility_requirements if request.HasField("accessibility_requirements") else None
+        )
+        capacity = request.capacity_range if request.HasField("capacity_range") else None
+        source_kind = request.volume_content_source.WhichOneof("type")
+        source_snapshot = request.volume_content_source.snapshot.snapshot_id if source_kind == "snapshot" else ""
+        source_volume = request.volume_content_source.volume.volume_id if source_kind == "volume" else ""
+        if source_kind and not (source_snapshot or source_volume):
+            raise errors.InvalidArgument(f"volume_content_source {source_kind} needs an id")
+        metadata = {
+            META_ACCESS: wants.type,
+            META_FS: wants.fs_type,
+            META_PARAMETERS: _parameters_digest(dict(request.parameters)),
+        }
+        keys = (
+            f"name:{request.name}",
+            f"snapshot:{source_snapshot}" if source_snapshot else "",
+            f"volume:{source_volume}" if source_volume else "",
+        )
+        with self.inflight.hold(*keys):
+            existing = self._call("find_volume", name=request.name)
+            if existing is not None and existing.status in USABLE:
+                self._check_same_request(existing, backend, capacity, source_snapshot, source_volume, metadata)
+                return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(existing))
+            minimum = self._source_size(source_snapshot, source_volume)
+            size = validate.size_gib(capacity, max(minimum, validate.DEFAULT_SIZE_GIB))
+            record = self._call(
+                "create_volume",
+                backend=backend.name,
+                name=request.name,
+                size_gib=size,
+                metadata=metadata,
+                source_volume_id=source_volume or None,
+                source_snapshot_id=source_snapshot or None,
+            )
+        return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(record))
+
+    def _source_size(self, snapshot_id: str, volume_id: str) -> int:
+        if snapshot_id:
+            snapshot = self._call("get_snapshot", snapshot_id=snapshot_id)
+            if snapshot is None or snapshot.status != "available":
+                raise errors.NotFound(f"source snapshot {snapshot_id} does not exist")
+            return snapshot.size_gib
+        if volume_id:
+            return self._volume(volume_id).size_gib
+        return 0
+
+    @staticmethod
+    def _check_same_request(
+        existing: VolumeRecord,
+        backend: Backend,
+        capacity: csi_pb2.CapacityRange | None,
+        source_snapshot: str,
+        source_volume: str,
+        metadata: dict[str, str],
+    ) -> None:
+        differences = []
+        if existing.backend != backend.name:
+            differences.append(f"it is on backend {existing.backend}")
+        if not validate.fits(existing.size_bytes, capacity):
+            differences.append(f"its size is {existing.size_bytes} bytes")
+        if (existing.source_snapshot_id or "") != source_snapshot or (existing.source_volume_id or "") != source_volume:
+            differences.append("it has another content source")
+        for key, label in ((META_ACCESS, "access type"), (META_FS, "fs_type"), (META_PARAMETERS, "parameters")):
+            if existing.metadata.get(key, "") != metadata[key]:
+                differences.append(f"its {label} differs")
+        if differences:
+            raise errors.AlreadyExists(
+                f"volume {existing.name} already exists ({existing.id}) and does not match this request: "
+                + "; ".join(differences)
+            )
+
+    def DeleteVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            self._call("delete_volume", volume_id=request.volume_id)
+        return csi_pb2.DeleteVolumeResponse()
+
+    def ControllerPublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.node_id, "node_id")
+        require(request.HasField("volume_capability"), "volume_capability")
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            record = self._volume(request.volume_id)
+            backend = self.settings.backend(record.backend)
+            multiattach = bool(backend) and self.stats(backend)["multiattach"]
+            wants = validate.access([request.volume_capability], multiattach=multiattach)
+            mode = "ro" if request.readonly else "rw"
+            if request.node_id in record.published:
+                if record.published[request.node_id] != mode:
+                    raise errors.AlreadyExists(
+                        f"volume {request.volume_id} is already published to node {request.node_id} "
+                        f"{'read-only' if mode == 'rw' else 'read-write'}; unpublish it first"
+                    )
+            else:
+                others = sorted(set(record.published) - {request.node_id})
+                if others and not wants.multi_node:
+                    raise errors.FailedPrecondition(
+                        f"volume {request.volume_id} is published to node {', '.join(others)} and its access "
+                        "mode allows a single node"
+                    )
+            info = self._call(
+                "connect", volume_id=request.volume_id, node_id=request.node_id, readonly=request.readonly
+            )
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context=to_publish_context(info))
+
+    def ControllerUnpublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            self._call("disconnect", volume_id=request.volume_id, node_id=request.node_id or None)
+        return csi_pb2.ControllerUnpublishVolumeResponse()
+
+    def ValidateVolumeCapabilities(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(list(request.volume_capabilities), "volume_capabilities")
+        record = self._volume(request.volume_id)
+        backend = self.settings.backend(record.backend)
+        try:
+            validate.backend_for(self.settings, request.parameters)
+            wants = validate.access(
+                request.volume_capabilities, multiattach=bool(backend) and self.stats(backend)["multiattach"]
+            )
+        except errors.InvalidArgument as exc:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=str(exc))
+        if wants.type != record.metadata.get(META_ACCESS, wants.type):
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(
+                message=f"volume {record.id} was created as a {record.metadata[META_ACCESS]} volume"
+            )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(
+            confirmed=csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+                volume_context=request.volume_context,
+                volume_capabilities=request.volume_capabilities,
+                parameters=request.parameters,
+                mutable_parameters=request.mutable_parameters,
+            )
+        )
+
+    def ListVolumes(self, request, context):
+        records = [r for r in self._call("list_volumes") if r.status in USABLE]
+        page, next_token = paginate(records, lambda r: r.id, request.max_entries, request.starting_token)
+        entries = [
+            csi_pb2.ListVolumesResponse.Entry(
+                volume=self._csi_volume(r),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(published_node_ids=sorted(r.published)),
+            )
+            for r in page
+        ]
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    def GetCapacity(self, request, context):
+        backend = validate.backend_for(self.settings, request.parameters)
+        stats = self.stats(backend)
+        empty = csi_pb2.GetCapacityResponse(available_capacity=0)
+        if request.HasField("accessible_topology") and not validate.reachable_from(
+            backend, [request.accessible_topology]
+        ):
+            return empty
+        if request.volume_capabilities:
+            try:
+                validate.access(request.volume_capabilities, multiattach=stats["multiattach"])
+            except errors.InvalidArgument:
+                return empty
+        free = int((stats["free_capacity_gb"] or 0) * GIB)
+        return csi_pb2.GetCapacityResponse(
+            available_capacity=free,
+            maximum_volume_size={"value": free},
+            minimum_volume_size={"value": validate.DEFAULT_SIZE_GIB * GIB},
+        )
+
+    def ControllerGetCapabilities(self, request, context):
+        rpcs = [
+            RPC.CREATE_DELETE_VOLUME,
+            RPC.PUBLISH_UNPUBLISH_VOLUME,
+            RPC.LIST_VOLUMES,
+            RPC.LIST_VOLUMES_PUBLISHED_NODES,
+            RPC.GET_CAPACITY,
+            RPC.CREATE_DELETE_SNAPSHOT,
+            RPC.LIST_SNAPSHOTS,
+            RPC.GET_SNAPSHOT,
+            RPC.CLONE_VOLUME,
+            RPC.PUBLISH_READONLY,
+            RPC.EXPAND_VOLUME,
+            RPC.GET_VOLUME,
+            RPC.VOLUME_CONDITION,
+            RPC.SINGLE_NODE_MULTI_WRITER,
+        ]
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in rpcs]
+        )
+
+    def ControllerExpandVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.HasField("capacity_range"), "capacity_range")
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            record = self._volume(request.volume_id)
+            limit = request.capacity_range.limit_bytes
+            if limit and limit < record.size_bytes:
+                raise errors.OutOfRange(
+                    f"volume {record.id} is {record.size_bytes} bytes; volumes cannot shrink to {limit}"
+                )
+            size = validate.size_gib(request.capacity_range, validate.DEFAULT_SIZE_GIB)
+            if size > record.size_gib:
+                record = self._call("extend_volume", volume_id=record.id, size_gib=size)
+        # The node has work either way: grow the filesystem, or rescan the device for a block volume.
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=record.size_bytes, node_expansion_required=True)
+
+    def ControllerGetVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        record = self._volume(request.volume_id)
+        present, why = self._call("volume_present", volume_id=record.id)
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=self._csi_volume(record),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                published_node_ids=sorted(record.published),
+                volume_condition=csi_pb2.VolumeCondition(abnormal=present is False, message=why),
+            ),
+        )
+
+    # --- snapshots ----------------------------------------------------------------------------------
+
+    def CreateSnapshot(self, request, context):
+        require(request.name, "name")
+        require(request.source_volume_id, "source_volume_id")
+        with self.inflight.hold(f"snapshot-name:{request.name}", f"volume:{request.source_volume_id}"):
+            existing = self._call("find_snapshot", name=request.name)
+            if existing is not None and existing.status == "available":
+                if existing.volume_id != request.source_volume_id:
+                    raise errors.AlreadyExists(
+                        f"snapshot {request.name} already exists ({existing.id}) of another volume, "
+                        f"{existing.volume_id}"
+                    )
+                return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(existing))
+            self._volume(request.source_volume_id)
+            record = self._call("create_snapshot", volume_id=request.source_volume_id, name=request.name)
+        return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(record))
+
+    def DeleteSnapshot(self, request, context):
+        require(request.snapshot_id, "snapshot_id")
+        with self.inflight.hold(f"snapshot:{request.snapshot_id}"):
+            self._call("delete_snapshot", snapshot_id=request.snapshot_id)
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request, context):
+        records = [s for s in self._call("list_snapshots") if s.status == "available"]
+        if request.snapshot_id:
+            records = [s for s in records if s.id == request.snapshot_id]
+        if request.source_volume_id:
+            records = [s for s in records if s.volume_id == request.source_volume_id]
+        page, next_token = paginate(records, lambda s: s.id, request.max_entries, request.starting_token)
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._csi_snapshot(s)) for s in page],
+            next_token=next_token,
+        )
+
+    def GetSnapshot(self, request, context):
+        require(request.snapshot_id, "snapshot_id")
+        record = self._call("get_snapshot", snapshot_id=request.snapshot_id)
+        if record is None or record.status != "available":
+            raise errors.NotFound(f"snapshot {request.snapshot_id} does not exist")
+        return csi_pb2.GetSnapshotResponse(snapshot=self._csi_snapshot(record))

@@ -1,0 +1,426 @@
+"""Loopback backend: a Cinder volume driver keeping volumes as sparse files, exposed on loop devices.
+
+Load it like any Cinder driver, e.g. through cinderlib::
+
+    cinderlib.Backend(volume_backend_name="dev",
+                      volume_driver="mbs_csi.drivers.loopback.LoopbackDriver",
+                      loopback_dir="/var/lib/mbs-csi/loopback")
+
+Layout under ``loopback_dir``:
+
+- ``volume-<id>``: a volume, a sparse file of exactly ``size`` GiB;
+- ``snapshot-<id>``: a snapshot, a full copy of its volume taken when it was created;
+- ``.tmp-*``: a create or copy in progress, given its real name only once complete, so a crash never
+  leaves a half-written file under a volume or snapshot name (one left by a crash can be deleted);
+- ``.<name>.lock``: the inter-process lock guarding the loop devices of one volume (removed with it).
+
+Clones and snapshots are copies: instant and space-sharing (reflink) where the filesystem supports it
+(btrfs, XFS with reflink), sparse copies elsewhere. A snapshot of a volume that is being written to is
+crash-consistent at best, like pulling the power cord.
+
+Connections are ``driver_volume_type: local``: the file is bound to a loop device (``/dev/loopN``) which
+os-brick's LOCAL connector hands over as is.
+
+**Single host by nature.** A loop device exists only on the host that made it, so the controller and the
+node using a volume must be the same machine. This backend is for development, the quick start and tests,
+never for a cluster.
+
+The driver runs as root and calls ``losetup`` and ``cp`` directly (no sudo, no rootwrap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cinder import exception
+from cinder.volume import configuration, driver
+from oslo_config import cfg
+
+LOG = logging.getLogger(__name__)
+
+GiB = 1024**3
+VERSION = "1.0.0"
+
+# How long to wait for another process holding a volume's lock, and for one losetup call.
+LOCK_TIMEOUT_S = 60.0
+LOSETUP_TIMEOUT_S = 60.0
+
+loopback_opts = [
+    cfg.StrOpt(
+        "loopback_dir",
+        help="Directory holding the volume and snapshot files (created if missing). Required. Its "
+        "filesystem's capacity is the backend's capacity.",
+    ),
+]
+
+# Registered in the shared group like every Cinder driver: cinderlib validates a backend's options by
+# importing this module and setting them in ``backend_defaults``.
+cfg.CONF.register_opts(loopback_opts, group=configuration.SHARED_CONF_GROUP)
+
+
+def _fail(message: str) -> exception.VolumeBackendAPIException:
+    return exception.VolumeBackendAPIException(data=message)
+
+
+def _run(cmd: list[str], timeout: float | None = None) -> str:
+    """Run a command, return its stdout; raise VolumeBackendAPIException with its stderr on failure."""
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _fail(f"{' '.join(cmd)}: {exc}") from exc
+    if proc.returncode != 0:
+        detail = proc.stderr.strip() or f"exit status {proc.returncode}"
+        raise _fail(f"{' '.join(cmd)}: {detail}")
+    return proc.stdout
+
+
+# -- loop devices ---------------------------------------------------------------------------------------
+
+
+def loop_devices(path: Path) -> list[tuple[str, bool]]:
+    """The loop devices bound to ``path`` as (device, autoclear) pairs; none if the file is missing.
+
+    A device with autoclear set was detached while still open: the kernel frees it when its last user
+    closes it, so it must not be handed out again.
+    """
+    out = _run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,AUTOCLEAR", "--associated", str(path)],
+        LOSETUP_TIMEOUT_S,
+    )
+    devices = []
+    for line in out.splitlines():
+        fields = line.split()
+        if fields:
+            devices.append((fields[0], len(fields) > 1 and fields[1] == "1"))
+    return devices
+
+
+def attach_loop(path: Path) -> str:
+    """Bind ``path`` to a free loop device and return the device."""
+    device = _run(["losetup", "--find", "--show", str(path)], LOSETUP_TIMEOUT_S).strip()
+    if not device.startswith("/dev/"):
+        raise _fail(f"losetup did not name a loop device for {path}: {device!r}")
+    return device
+
+
+def detach_loops(path: Path) -> None:
+    """Release every loop device bound to ``path``; a device still open is freed when last closed."""
+    for device, _autoclear in loop_devices(path):
+        try:
+            _run(["losetup", "--detach", device], LOSETUP_TIMEOUT_S)
+        except exception.VolumeBackendAPIException:
+            # Freed in the meantime (autoclear) is fine; anything still bound is an error.
+            if device in (d for d, _ in loop_devices(path)):
+                raise
+    busy = [device for device, _ in loop_devices(path)]
+    if busy:
+        LOG.warning("Loop device(s) %s of %s still open: they are released when last closed", busy, path)
+
+
+def refresh_loops(path: Path) -> None:
+    """Make the loop devices bound to ``path`` pick up its new size."""
+    for device, _autoclear in loop_devices(path):
+        _run(["losetup", "--set-capacity", device], LOSETUP_TIMEOUT_S)
+
+
+# -- files -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing) across processes.
+
+    Polls with a non-blocking flock so an eventlet-patched process keeps running its other green threads.
+    The holder may unlink the lock file (``remove_lock_file``): a waiter that then gets the lock on the
+    unlinked inode notices and starts over on the current file.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise _fail(f"timed out after {timeout:.0f}s waiting for lock {path}") from None
+                    time.sleep(0.05)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                yield
+                return
+        finally:
+            os.close(fd)
+
+
+def remove_lock_file(path: Path) -> None:
+    """Unlink a lock file; call only while holding it."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Give a complete temp file its real name; refuse to replace an existing file."""
+    _fsync_file(tmp)
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise _fail(f"{final} already exists") from None
+    finally:
+        tmp.unlink()
+    _fsync_dir(final.parent)
+
+
+def grow(path: Path, size_bytes: int) -> None:
+    """Grow ``path`` to ``size_bytes`` (sparse); refuse to shrink it."""
+    current = path.stat().st_size
+    if size_bytes < current:
+        raise _fail(f"cannot shrink {path} from {current} to {size_bytes} bytes")
+    if size_bytes > current:
+        os.truncate(path, size_bytes)
+
+
+class LoopbackDriver(driver.VolumeDriver):
+    """Sparse files in ``loopback_dir`` exposed on loop devices; single host, for development only."""
+
+    VERSION = VERSION
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.configuration:
+            self.configuration.append_config_values(loopback_opts)
+        self._dir: Path | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    @property
+    def loopback_dir(self) -> Path:
+        if self._dir is None:
+            value = self.configuration.safe_get("loopback_dir") if self.configuration else None
+            if not value:
+                raise exception.InvalidConfigurationValue(
+                    "loopback_dir is required: the directory that holds the loopback backend's volume files"
+                )
+            self._dir = Path(value)
+        return self._dir
+
+    def do_setup(self, context: Any) -> None:
+        try:
+            self.loopback_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _fail(f"cannot create loopback_dir {self.loopback_dir}: {exc.strerror}") from exc
+
+    def check_for_setup_error(self) -> None:
+        for tool in ("losetup", "cp"):
+            if shutil.which(tool) is None:
+                raise _fail(f"{tool} not found in PATH (install util-linux / coreutils)")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=self.loopback_dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise _fail(f"loopback_dir {self.loopback_dir} is not writable: {exc.strerror}") from exc
+        if not Path("/dev/loop-control").exists():
+            raise _fail("/dev/loop-control is missing: this host (or container) cannot create loop devices")
+
+    # -- paths -----------------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise _fail(f"invalid volume or snapshot name {name!r}")
+        return self.loopback_dir / name
+
+    def local_path(self, volume: Any) -> str:
+        return str(self._path(volume.name))
+
+    @contextlib.contextmanager
+    def _volume_lock(self, name: str) -> Iterator[Path]:
+        """Hold the inter-process lock of volume ``name``, yield its path; drop the lock file once it is gone."""
+        path = self._path(name)
+        lock = self.loopback_dir / f".{name}.lock"
+        with file_lock(lock):
+            try:
+                yield path
+            finally:
+                if not path.exists():
+                    remove_lock_file(lock)
+
+    def _tmp_path(self, name: str) -> Path:
+        return self.loopback_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+
+    def _existing(self, name: str, what: str) -> Path:
+        path = self._path(name)
+        if not path.is_file():
+            raise _fail(f"{what} file {path} does not exist")
+        return path
+
+    # -- volumes and snapshots ------------------------------------------------------------------------
+
+    def create_volume(self, volume: Any) -> None:
+        final = self._path(volume.name)
+        if final.exists():
+            raise _fail(f"{final} already exists")
+        tmp = self._tmp_path(volume.name)
+        try:
+            with open(tmp, "xb") as f:
+                f.truncate(volume.size * GiB)
+            publish(tmp, final)
+        except OSError as exc:
+            raise _fail(f"cannot create {final}: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        LOG.info("Created loopback volume %s (%d GiB)", final, volume.size)
+
+    def _copy(self, source: Path, name: str, size_gib: int | None) -> None:
+        """Copy ``source`` to a new file ``name`` (reflink or sparse), grown to ``size_gib`` if given."""
+        final = self._path(name)
+        if final.exists():
+            raise _fail(f"{final} already exists")
+        tmp = self._tmp_path(name)
+        try:
+            _run(["cp", "--reflink=auto", "--sparse=always", str(source), str(tmp)])
+            if size_gib is not None:
+                grow(tmp, size_gib * GiB)
+            publish(tmp, final)
+        except OSError as exc:
+            raise _fail(f"cannot copy {source} to {final}: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        LOG.info("Copied %s to %s", source, final)
+
+    def create_cloned_volume(self, volume: Any, src_vref: Any) -> None:
+        self._copy(self._existing(src_vref.name, "source volume"), volume.name, volume.size)
+
+    def create_snapshot(self, snapshot: Any) -> None:
+        self._copy(self._existing(snapshot.volume_name, "volume"), snapshot.name, None)
+
+    def create_volume_from_snapshot(self, volume: Any, snapshot: Any) -> None:
+        self._copy(self._existing(snapshot.name, "snapshot"), volume.name, volume.size)
+
+    def delete_volume(self, volume: Any) -> None:
+        with self._volume_lock(volume.name) as path:
+            detach_loops(path)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        LOG.info("Deleted loopback volume %s", path)
+
+    def delete_snapshot(self, snapshot: Any) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(snapshot.name).unlink()
+
+    def extend_volume(self, volume: Any, new_size: int) -> None:
+        with self._volume_lock(volume.name):
+            path = self._existing(volume.name, "volume")
+            try:
+                grow(path, new_size * GiB)
+            except OSError as exc:
+                raise _fail(f"cannot extend {path}: {exc.strerror}") from exc
+            refresh_loops(path)
+        LOG.info("Extended loopback volume %s to %d GiB", path, new_size)
+
+    def manage_existing_get_size(self, volume: Any, existing_ref: dict[str, Any]) -> int:
+        """Size in GiB of the file named by ``existing_ref["source-name"]`` (Cinder's manage API; the
+        controller uses it to tell whether a volume is still there)."""
+        path = self._path(str(existing_ref.get("source-name", "")))
+        if not path.is_file():
+            raise exception.ManageExistingInvalidReference(existing_ref=existing_ref, reason=f"{path} does not exist")
+        return -(-path.stat().st_size // GiB)
+
+    # -- exports and connections ----------------------------------------------------------------------
+
+    def create_export(self, context: Any, volume: Any, connector: Any) -> None:
+        pass
+
+    def ensure_export(self, context: Any, volume: Any) -> None:
+        pass
+
+    def remove_export(self, context: Any, volume: Any) -> None:
+        pass
+
+    def initialize_connection(self, volume: Any, connector: Any, **kwargs: Any) -> dict[str, Any]:
+        with self._volume_lock(volume.name):
+            path = self._existing(volume.name, "volume")
+            reusable = [device for device, autoclear in loop_devices(path) if not autoclear]
+            device = reusable[0] if reusable else attach_loop(path)
+        LOG.info("Loopback volume %s is on %s", path, device)
+        return {"driver_volume_type": "local", "data": {"device_path": device}}
+
+    def terminate_connection(self, volume: Any, connector: Any, **kwargs: Any) -> None:
+        with self._volume_lock(volume.name) as path:
+            detach_loops(path)
+
+    # -- stats -------------------------------------------------------------------------------------------
+
+    def _provisioned_bytes(self) -> int:
+        prefix = cfg.CONF.volume_name_template % ""
+        total = 0
+        with os.scandir(self.loopback_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def _update_volume_stats(self) -> None:
+        fs = os.statvfs(self.loopback_dir)
+        capacity = {
+            "total_capacity_gb": round(fs.f_blocks * fs.f_frsize / GiB, 2),
+            "free_capacity_gb": round(fs.f_bavail * fs.f_frsize / GiB, 2),
+            "provisioned_capacity_gb": round(self._provisioned_bytes() / GiB, 2),
+            "reserved_percentage": 0,
+            "thin_provisioning_support": True,
+            "thick_provisioning_support": False,
+            "multiattach": False,
+            "QoS_support": False,
+        }
+        backend_name = (self.configuration.safe_get("volume_backend_name") if self.configuration else None) or (
+            "loopback"
+        )
+        self._stats = {
+            **capacity,
+            "volume_backend_name": backend_name,
+            "vendor_name": "mbs-csi",
+            "driver_version": self.VERSION,
+            "storage_protocol": "local",
+            "pools": [{"pool_name": backend_name, **capacity}],
+        }

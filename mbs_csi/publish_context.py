@@ -1,0 +1,70 @@
+"""Connection info <-> CSI ``publish_context``, with secrets kept out.
+
+Kubernetes stores ``publish_context`` in plain VolumeAttachment objects, so the controller withholds
+every secret-looking entry of the backend's connection info (keyrings, CHAP passwords, tokens, any value
+holding a configured sensitive option) and names the withheld keys; the node fills them back from its
+node-stage secrets. Values that are not strings travel JSON-encoded, and are listed too, so the node
+rebuilds exactly what the backend returned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from mbs_csi import secrets
+
+PROTOCOL_KEY = "driver_volume_type"
+JSON_KEYS = "mbs.json_keys"
+SECRET_KEYS = "mbs.secret_keys"
+
+_SECRET_NAME = re.compile(
+    r"pass(word|wd|phrase)?$|password|keyring|token|credential|private|secret$|"
+    r"_secret|secret_key|(^|_)key$",
+    re.IGNORECASE,
+)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
+def _holds_secret(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(is_secret_name(str(k)) or _holds_secret(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_secret(v) for v in value)
+    return isinstance(value, str) and secrets.scrub(value) != value
+
+
+def to_publish_context(connection_info: dict[str, Any]) -> dict[str, str]:
+    context = {PROTOCOL_KEY: str(connection_info.get(PROTOCOL_KEY, ""))}
+    encoded, withheld = [], []
+    for key, value in (connection_info.get("data") or {}).items():
+        if is_secret_name(key) or _holds_secret(value):
+            withheld.append(key)
+        elif isinstance(value, str):
+            context[key] = value
+        else:
+            context[key] = json.dumps(value, sort_keys=True)
+            encoded.append(key)
+    if encoded:
+        context[JSON_KEYS] = ",".join(sorted(encoded))
+    if withheld:
+        context[SECRET_KEYS] = ",".join(sorted(withheld))
+    return context
+
+
+def from_publish_context(context: dict[str, str], stage_secrets: dict[str, str]) -> dict[str, Any]:
+    """The connection info again; withheld keys come from ``stage_secrets`` (KeyError names one missing)."""
+    encoded = set(filter(None, context.get(JSON_KEYS, "").split(",")))
+    withheld = list(filter(None, context.get(SECRET_KEYS, "").split(",")))
+    data: dict[str, Any] = {}
+    for key, value in context.items():
+        if key in (PROTOCOL_KEY, JSON_KEYS, SECRET_KEYS):
+            continue
+        data[key] = json.loads(value) if key in encoded else value
+    for key in withheld:
+        data[key] = stage_secrets[key]
+    return {PROTOCOL_KEY: context.get(PROTOCOL_KEY, ""), "data": data}

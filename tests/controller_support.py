@@ -1,0 +1,115 @@
+"""A real ``mbs-csi serve --role controller`` on the loopback backend, with its database (SQLite or a
+real PostgreSQL), and the means to register nodes' connector properties the way a node does."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import yaml
+
+from csi import csi_pb2_grpc
+from mbs_csi import config
+from mbs_csi.controller.pool import WorkerPool
+from mbs_csi.server import worker_config
+from tests.support import Driver, short_tmpdir
+
+ZONE_KEY = "topology.mbs.csi.io/zone"
+
+
+def connector_for(node_id: str) -> dict[str, object]:
+    """Connector properties as os-brick reports them for a host without iSCSI/FC/NVMe hardware."""
+    return {
+        "host": node_id,
+        "ip": "127.0.0.1",
+        "multipath": False,
+        "platform": "x86_64",
+        "os_type": "linux",
+        "do_local_attach": False,
+        "initiator": f"iqn.1994-05.com.redhat:{node_id}",
+    }
+
+
+class ControllerUnderTest:
+    def __init__(self, database: str | None, extra: dict[str, object] | None = None) -> None:
+        self.workdir = short_tmpdir("mbs-ctl-")
+        self.state = self.workdir / "state"
+        self.loopback = self.state / "loopback"
+        self.config_path = self.workdir / "mbs.yaml"
+        settings: dict[str, object] = {
+            "role": "controller",
+            "state_dir": str(self.state),
+            "backend_workers": 2,
+            "backends": [
+                {
+                    "name": "loop",
+                    "volume_driver": config.LOOPBACK_DRIVER,
+                    "driver_options": {"loopback_dir": str(self.loopback)},
+                    "topology": {ZONE_KEY: "zone-a"},
+                }
+            ],
+            **(extra or {}),
+        }
+        if database:
+            settings["database"] = database
+        self.config_path.write_text(yaml.safe_dump(settings))
+        self.settings = config.load_settings(str(self.config_path), env={})
+        self.driver: Driver | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.driver = Driver(["--config", str(self.config_path)], self.workdir).wait_serving()
+        self.stub = csi_pb2_grpc.ControllerStub(self.driver.channel)
+
+    def restart(self) -> None:
+        assert self.driver is not None
+        assert self.driver.stop() == 0
+        self.driver.close()
+        self.start()
+
+    def register_nodes(self, *node_ids: str) -> None:
+        """Publish connector properties the way a node does at start (database connector store)."""
+        pool = WorkerPool(worker_config(self.settings), size=1, call_timeout=60)
+        pool.start()
+        try:
+            for node_id in node_ids:
+                pool.call("set_connector", node_id=node_id, properties=connector_for(node_id))
+        finally:
+            pool.close()
+
+    def volume_file(self, volume_id: str) -> Path:
+        return self.loopback / f"volume-{volume_id}"
+
+    def backend_volume_files(self) -> list[Path]:
+        return sorted(self.loopback.glob("volume-*"))
+
+    def loop_devices(self) -> list[str]:
+        """Loop devices bound to any file of this backend."""
+        out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n", "-l"], capture_output=True, text=True)
+        return [line.split()[0] for line in out.stdout.splitlines() if str(self.loopback) in line]
+
+    def worker_pids(self) -> list[int]:
+        assert self.driver is not None
+        out = subprocess.run(["pgrep", "-P", str(self.driver.proc.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def close(self) -> None:
+        if self.driver is not None:
+            with contextlib.suppress(Exception):
+                self.driver.stop()
+            self.driver.close()
+        for device in self.loop_devices():
+            subprocess.run(["losetup", "-d", device], check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    """The RpcError ``call`` raises (fails the test when it succeeds)."""
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError(f"{call} succeeded")
