@@ -52,6 +52,22 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar=key.upper(), help=help_text)
     serve.set_defaults(func=_serve)
 
+    backend = sub.add_parser("backend", help="backend tools", description="Backend tools.")
+    backend_sub = backend.add_subparsers(dest="backend_command", metavar="COMMAND", required=True)
+    check = backend_sub.add_parser(
+        "check",
+        help="initialise backends as the controller would and report their stats or errors",
+        description="Initialise each backend (or the named ones) as the controller would and print its "
+        "stats (capacity, protocol, thin provisioning, multiattach) or a clear error. Exit code 0 when all "
+        "are healthy, 1 otherwise, 2 for a configuration error. Sensitive options are masked.",
+    )
+    check.add_argument("names", nargs="*", metavar="NAME", help="backends to check (default: all)")
+    check.add_argument("--config", metavar="FILE", help=f"YAML or JSON config file (default: ${config.CONFIG_ENV})")
+    check.add_argument("--state-dir", dest="state_dir", metavar="STATE_DIR", help="as for serve")
+    check.add_argument("--database", metavar="DATABASE", help="as for serve")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    check.set_defaults(func=_backend_check)
+
     version = sub.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=_version)
     return parser
@@ -78,6 +94,17 @@ def _serve(args: argparse.Namespace) -> int:
     logging.shutdown()
     sys.stdout.flush()
     os._exit(code)
+
+
+def _backend_check(args: argparse.Namespace) -> int:
+    from mbs_csi import backend_check
+
+    flags = {"state_dir": args.state_dir, "database": args.database}
+    settings = config.load_settings(args.config, os.environ, flags)
+    logs.setup("WARNING")
+    reports = backend_check.check(settings, args.names)
+    print(backend_check.render(reports, args.json))
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def _version(args: argparse.Namespace) -> int:

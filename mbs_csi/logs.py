@@ -27,6 +27,7 @@ class ScrubbingFormatter(logging.Formatter):
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(ScrubbingFormatter(FORMAT))
+    handler.setLevel(level)  # also holds back libraries that set their own loggers' levels (oslo, alembic)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

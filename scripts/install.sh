@@ -13,7 +13,7 @@ dev=0
 # Debian's own Python 3.11: Debian's rados/rbd modules (the Ceph tests) are built for it.
 python=/usr/bin/python3
 apt_packages=(python3 python3-venv python3-dev gcc util-linux e2fsprogs xfsprogs btrfs-progs)
-((dev)) && apt_packages+=(postgresql)
+((dev)) && apt_packages+=(postgresql ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
@@ -42,4 +42,13 @@ if [[ $have != "$want" && $have != "$want,dev" ]]; then
     "$venv/bin/pip" install -q --no-deps ember-csi==0.9.1
   fi
   echo "$want" >"$stamp"
+fi
+
+if ((dev)); then
+  # Debian's rados/rbd modules (python3-rados, python3-rbd), and only those, into the virtualenv:
+  # all of /usr/lib/python3/dist-packages would shadow the pinned controller stack.
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  for module in /usr/lib/python3/dist-packages/{rados,rbd}.cpython-*.so; do
+    ln -sfn "$module" "$site/"
+  done
 fi

@@ -91,6 +91,16 @@ class ControllerUnderTest:
         out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n", "-l"], capture_output=True, text=True)
         return [line.split()[0] for line in out.stdout.splitlines() if str(self.loopback) in line]
 
+    def ready_worker_pids(self) -> list[int]:
+        """Workers that finished starting (the pool logs each one), still running."""
+        assert self.driver is not None
+        logged = {
+            int(line.rsplit("backend worker ", 1)[1].split()[0])
+            for line in self.driver.log().splitlines()
+            if line.endswith(" ready") and "backend worker" in line
+        }
+        return sorted(logged & set(self.worker_pids()))
+
     def worker_pids(self) -> list[int]:
         assert self.driver is not None
         out = subprocess.run(["pgrep", "-P", str(self.driver.proc.pid)], capture_output=True, text=True)

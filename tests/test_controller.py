@@ -535,9 +535,35 @@ def wait_for(condition, timeout: float = 30) -> None:
 
 
 def test_a_killed_worker_is_replaced_and_calls_go_on(ctl):
-    wait_for(lambda: len(ctl.worker_pids()) == 2)
-    old = ctl.worker_pids()
+    wait_for(lambda: len(ctl.ready_worker_pids()) == 2)
+    old = ctl.ready_worker_pids()
     os.kill(old[0], signal.SIGKILL)
     for _ in range(4):
         delete(ctl, create(ctl).volume_id)
     wait_for(lambda: old[0] not in ctl.worker_pids() and len(ctl.worker_pids()) == 2)
+
+
+def test_hung_workers_time_out_with_deadline_exceeded_and_are_replaced():
+    ctl = ControllerUnderTest(None, extra={"backend_timeout": 3})
+    try:
+        wait_for(lambda: len(ctl.ready_worker_pids()) == 2)
+        hung = ctl.ready_worker_pids()
+        for pid in hung:
+            os.kill(pid, signal.SIGSTOP)  # backend calls that never return, as with a storage that hangs
+        # A hung worker shows itself when a call lands on it: each one costs one call its deadline.
+        errors, volume = [], None
+        for _ in range(4):
+            try:
+                volume = create(ctl)
+                break
+            except grpc.RpcError as exc:
+                errors.append(exc)
+        assert volume is not None, [e.details() for e in errors]
+        assert 1 <= len(errors) <= 2
+        for error in errors:
+            assert error.code() == Code.DEADLINE_EXCEEDED
+            assert "took longer than 3s; its worker was replaced" in error.details()
+        delete(ctl, volume.volume_id)
+        assert set(hung) - set(ctl.worker_pids()), "no hung worker was replaced"
+    finally:
+        ctl.close()

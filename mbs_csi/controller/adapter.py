@@ -23,7 +23,7 @@ import cinderlib
 from cinder import exception as cinder_exception
 from cinderlib import objects
 
-from mbs_csi import errors
+from mbs_csi import errors, logs
 from mbs_csi.controller.records import BackendSpec, SnapshotRecord, VolumeRecord, WorkerConfig
 
 log = logging.getLogger("mbs_csi.adapter")
@@ -56,6 +56,7 @@ class Adapter:
             disable_logs=False,
             host=CINDER_HOST,
         )
+        logs.setup(config.log_level)  # cinderlib's setup installed oslo.log's handlers, which do not scrub
         self.persistence = cinderlib.Backend.persistence
         self.backends: dict[str, cinderlib.Backend] = {}
         self.backend_errors: dict[str, str | None] = {}

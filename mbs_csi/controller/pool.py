@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 
 RESTART_DELAY = 5.0  # seconds between attempts to start a worker that failed to start
 
+# eventlet must patch before anything creates a lock, so it runs first, before our package is imported.
+WORKER_BOOT = (
+    "import warnings; warnings.filterwarnings('ignore', message=r'\\s*Eventlet is deprecated'); "
+    "import eventlet; eventlet.monkey_patch(); "
+    "import sys; from mbs_csi.controller.worker import main; sys.exit(main())"
+)
+
 
 class WorkerGone(Exception):
     """The worker process died or stopped answering."""
@@ -35,7 +42,7 @@ class WorkerProcess:
         parent, child = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mbs_csi.controller.worker", str(child.fileno())],
+                [sys.executable, "-c", WORKER_BOOT, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -46,11 +53,12 @@ class WorkerProcess:
 
     def receive(self, timeout: float) -> Any:
         try:
-            if not self.conn.poll(timeout):
-                raise TimeoutError
-            return self.conn.recv()
+            answered = self.conn.poll(timeout)
+            if answered:
+                return self.conn.recv()
         except (EOFError, OSError) as exc:
             raise WorkerGone(f"worker {self.proc.pid} exited with {self.proc.poll()}") from exc
+        raise TimeoutError  # outside the try: TimeoutError is an OSError
 
     def kill(self) -> None:
         with contextlib.suppress(OSError):
@@ -106,6 +114,7 @@ class WorkerPool:
             self._ready.add(worker)
             self._start_error = None
             self._backend_errors = payload
+        log.info("backend worker %d ready", worker.proc.pid)
         self._idle.put(worker)
         if self._closed:
             self._retire(worker)

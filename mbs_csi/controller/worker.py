@@ -1,7 +1,8 @@
 """A backend worker process: eventlet-patched, cinderlib initialised once, one call at a time.
 
-Started by :class:`mbs_csi.controller.pool.WorkerPool` as ``python -m mbs_csi.controller.worker FD``,
-where FD is its end of a socketpair. Protocol (pickled messages, both ends are this project's code):
+Started by :class:`mbs_csi.controller.pool.WorkerPool` as ``python -c WORKER_BOOT FD``: the boot line
+monkey-patches with eventlet first, then calls :func:`main`. FD is the worker's end of a socketpair.
+Protocol (pickled messages, both ends are this project's code):
 
 - front -> worker: a :class:`WorkerConfig`, then requests ``(request_id, operation, kwargs)``;
 - worker -> front: ``("ready", {backend: error or None})`` or ``("fatal", message)`` once, then one
@@ -45,7 +46,6 @@ def serve(conn: Connection) -> int:
         log.exception("cannot initialise cinderlib")
         conn.send(("fatal", secrets.scrub(f"cannot initialise cinderlib: {type(exc).__name__}: {exc}")))
         return 1
-    logs.setup(config.log_level)  # again: cinderlib's setup installed oslo.log's handlers, which do not scrub
     conn.send(("ready", adapter.backend_errors))
     while True:
         try:
@@ -63,11 +63,5 @@ def serve(conn: Connection) -> int:
 
 
 def main() -> int:
-    import eventlet
-
-    eventlet.monkey_patch()
+    """Entry point; the pool's boot line has already run ``eventlet.monkey_patch()``."""
     return serve(Connection(int(sys.argv[1])))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
