@@ -33,8 +33,19 @@ def connector_for(node_id: str) -> dict[str, object]:
     }
 
 
+def loopback_backend(directory: Path) -> dict[str, object]:
+    return {
+        "name": "loop",
+        "volume_driver": config.LOOPBACK_DRIVER,
+        "driver_options": {"loopback_dir": str(directory)},
+        "topology": {ZONE_KEY: "zone-a"},
+    }
+
+
 class ControllerUnderTest:
-    def __init__(self, database: str | None, extra: dict[str, object] | None = None) -> None:
+    def __init__(
+        self, database: str | None, extra: dict[str, object] | None = None, backends: list[dict] | None = None
+    ) -> None:
         self.workdir = short_tmpdir("mbs-ctl-")
         self.state = self.workdir / "state"
         self.loopback = self.state / "loopback"
@@ -43,14 +54,7 @@ class ControllerUnderTest:
             "role": "controller",
             "state_dir": str(self.state),
             "backend_workers": 2,
-            "backends": [
-                {
-                    "name": "loop",
-                    "volume_driver": config.LOOPBACK_DRIVER,
-                    "driver_options": {"loopback_dir": str(self.loopback)},
-                    "topology": {ZONE_KEY: "zone-a"},
-                }
-            ],
+            "backends": backends or [loopback_backend(self.loopback)],
             **(extra or {}),
         }
         if database:

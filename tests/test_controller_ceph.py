@@ -1,0 +1,98 @@
+"""The controller against a real Ceph cluster through Cinder's stock RBD driver: the RPCs a PVC's life
+uses, the connection info of type rbd with its keyring kept out of publish_context, and no image left."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from csi import csi_pb2 as pb
+from tests.controller_support import ControllerUnderTest, rpc_error
+from tests.csi_requests import GIB, create_request, mount_cap
+
+
+@pytest.fixture(scope="module")
+def ceph_ctl(ceph):
+    backend = {
+        "name": "ceph",
+        "volume_driver": "cinder.volume.drivers.rbd.RBDDriver",
+        "driver_options": {
+            "rbd_pool": ceph.pool,
+            "rbd_ceph_conf": str(ceph.conf_path),
+            "rbd_user": ceph.user,
+            "rbd_keyring_conf": str(ceph.keyring_path),
+            # Without this, a clone from a volume leaves a volume-<id>.deleted image behind.
+            "rbd_max_clone_depth": 0,
+        },
+    }
+    ctl = ControllerUnderTest(None, backends=[backend])
+    ctl.register_nodes("node-a")
+    yield ctl
+    ctl.close()
+
+
+def rbd_size(ceph, image: str) -> int:
+    return json.loads(ceph.rbd("info", "--format", "json", f"{ceph.pool}/{image}"))["size"]
+
+
+def test_a_volume_life_on_ceph_leaves_no_image_behind(ceph, ceph_ctl):
+    stub = ceph_ctl.stub
+    source = stub.CreateVolume(create_request("pvc-ceph-source", required=GIB)).volume
+    image = f"volume-{source.volume_id}"
+    assert image in ceph.images() and rbd_size(ceph, image) == GIB
+
+    clone = stub.CreateVolume(create_request("pvc-ceph-clone", required=2 * GIB, volume=source.volume_id)).volume
+    assert clone.capacity_bytes == 2 * GIB and rbd_size(ceph, f"volume-{clone.volume_id}") == 2 * GIB
+
+    snap = stub.CreateSnapshot(pb.CreateSnapshotRequest(name="snap-ceph", source_volume_id=source.volume_id)).snapshot
+    assert snap.ready_to_use and snap.size_bytes == GIB
+    restored = stub.CreateVolume(
+        create_request("pvc-ceph-restored", required=3 * GIB, snapshot=snap.snapshot_id)
+    ).volume
+    assert restored.capacity_bytes == 3 * GIB and rbd_size(ceph, f"volume-{restored.volume_id}") == 3 * GIB
+
+    grown = stub.ControllerExpandVolume(
+        pb.ControllerExpandVolumeRequest(
+            volume_id=source.volume_id, capacity_range=pb.CapacityRange(required_bytes=2 * GIB)
+        )
+    )
+    assert grown.capacity_bytes == 2 * GIB and rbd_size(ceph, image) == 2 * GIB
+
+    published = stub.ControllerPublishVolume(
+        pb.ControllerPublishVolumeRequest(volume_id=source.volume_id, node_id="node-a", volume_capability=mount_cap())
+    )
+    context = dict(published.publish_context)
+    assert context["driver_volume_type"] == "rbd"
+    assert context["name"] == f"{ceph.pool}/{image}"
+    assert context["auth_username"] == ceph.user
+    assert json.loads(context["hosts"]) == ["127.0.0.1"]
+    # The RBD driver puts the whole keyring in its connection info: it must not reach publish_context.
+    assert context["mbs.secret_keys"] == "keyring" and "keyring" not in context
+    assert not any(ceph.key in value for value in context.values())
+    status = stub.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=source.volume_id)).status
+    assert list(status.published_node_ids) == ["node-a"] and not status.volume_condition.abnormal
+
+    assert stub.GetCapacity(pb.GetCapacityRequest()).available_capacity > 0
+
+    stub.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=source.volume_id, node_id="node-a"))
+    for volume in (restored, clone):
+        stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+    stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=source.volume_id))
+    assert ceph.images() == []
+
+
+def test_an_image_removed_behind_the_drivers_back_makes_the_condition_abnormal(ceph, ceph_ctl):
+    volume = ceph_ctl.stub.CreateVolume(create_request("pvc-ceph-vanishing")).volume
+    ceph.rbd("rm", f"{ceph.pool}/volume-{volume.volume_id}")
+    status = ceph_ctl.stub.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=volume.volume_id)).status
+    assert status.volume_condition.abnormal
+    assert "missing on backend ceph" in status.volume_condition.message
+    ceph_ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))  # gone already: still OK
+    assert (
+        rpc_error(ceph_ctl.stub.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=volume.volume_id)).code()
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert ceph.images() == []
