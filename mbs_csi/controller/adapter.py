@@ -165,11 +165,12 @@ class Adapter:
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
-    ) -> VolumeRecord:
-        """Create (or finish creating) the volume called ``name``; an existing usable one is returned."""
+    ) -> tuple[VolumeRecord, bool]:
+        """Create (or finish creating) the volume called ``name``: (its record, True), or (the record of
+        an existing usable volume of that name, False) for the front to compare with the request."""
         for leftover in self.persistence.get_volumes(volume_name=name):
             if leftover.status in USABLE:
-                return volume_record(leftover)
+                return volume_record(leftover), False
             log.info(
                 "removing leftover volume %s (%s) of an earlier failed create of %s", leftover.id, leftover.status, name
             )
@@ -196,6 +197,7 @@ class Adapter:
             volume = objects.Volume(target, size=size_gib, **fields)
             make = partial(target.driver.create_volume, volume._ovo)
 
+        volume._ovo.created_at = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # cinder keeps naive UTC
         volume.save()  # recorded before the storage is touched: see the module docstring
         try:
             model_update = make()
@@ -208,7 +210,7 @@ class Adapter:
         except Exception:
             self._destroy_volume(volume)
             raise
-        return volume_record(self._require_volume(volume.id))
+        return volume_record(volume, published={}, snapshot_ids=()), True
 
     @staticmethod
     def _check_same_backend(source_backend: str, backend: str, kind: str, source_id: str) -> None:
@@ -335,7 +337,10 @@ def _epoch(ovo: Any) -> float:
     return (created if created.tzinfo else created.replace(tzinfo=datetime.UTC)).timestamp()
 
 
-def volume_record(volume: objects.Volume) -> VolumeRecord:
+def volume_record(
+    volume: objects.Volume, published: dict[str, str] | None = None, snapshot_ids: tuple[str, ...] | None = None
+) -> VolumeRecord:
+    """The record of ``volume``; pass ``published``/``snapshot_ids`` when known, to skip reading them."""
     ovo = volume._ovo
     return VolumeRecord(
         id=volume.id,
@@ -347,8 +352,8 @@ def volume_record(volume: objects.Volume) -> VolumeRecord:
         source_volume_id=ovo.source_volid,
         source_snapshot_id=ovo.snapshot_id,
         metadata=dict(ovo.metadata or {}),
-        published={c.attached_host: c.attach_mode for c in volume.connections},
-        snapshot_ids=tuple(s.id for s in volume.snapshots),
+        published={c.attached_host: c.attach_mode for c in volume.connections} if published is None else published,
+        snapshot_ids=tuple(s.id for s in volume.snapshots) if snapshot_ids is None else snapshot_ids,
     )
 
 

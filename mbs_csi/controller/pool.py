@@ -50,6 +50,7 @@ class WorkerProcess:
             child.close()
         self.conn = Connection(parent.detach())
         self.conn.send(config)
+        self.retired = False  # set once by the pool when it stops using this worker
 
     def receive(self, timeout: float) -> Any:
         try:
@@ -75,7 +76,8 @@ class WorkerPool:
         self.size = size
         self.call_timeout = call_timeout
         self.start_timeout = start_timeout
-        self._idle: queue.Queue[WorkerProcess] = queue.Queue()
+        # Last in, first out: under light load the same few workers serve, and stay warm.
+        self._idle: queue.LifoQueue[WorkerProcess] = queue.LifoQueue()
         self._lock = threading.Lock()
         self._workers: set[WorkerProcess] = set()
         self._ready: set[WorkerProcess] = set()
@@ -99,12 +101,15 @@ class WorkerPool:
         worker = WorkerProcess(self.config)
         with self._lock:
             self._workers.add(worker)
+        threading.Thread(target=self._watch, args=(worker,), name="worker-watch", daemon=True).start()
         try:
             kind, payload = worker.receive(self.start_timeout)
         except (TimeoutError, WorkerGone) as exc:
             kind, payload = "fatal", f"backend worker did not start ({type(exc).__name__} {exc})"
         if kind != "ready":
             self._retire(worker)
+            if self._closed:  # the pool is shutting down: the worker was stopped on purpose
+                return
             log.error("%s; retrying in %.0fs", payload, RESTART_DELAY)
             with self._lock:
                 self._start_error = payload
@@ -119,15 +124,29 @@ class WorkerPool:
         if self._closed:
             self._retire(worker)
 
-    def _retire(self, worker: WorkerProcess) -> None:
-        worker.kill()
+    def _watch(self, worker: WorkerProcess) -> None:
+        """Replace a worker that exits on its own (OOM-killed, crashed), even while it sits idle."""
+        code = worker.proc.wait()
+        if not self._closed and self._replace(worker):
+            log.warning("backend worker %d exited with %s; replaced", worker.proc.pid, code)
+
+    def _retire(self, worker: WorkerProcess) -> bool:
+        """Stop using ``worker`` and kill it; False when it was retired already."""
         with self._lock:
+            if worker.retired:
+                return False
+            worker.retired = True
             self._workers.discard(worker)
             self._ready.discard(worker)
+        worker.kill()
+        return True
 
-    def _replace(self, worker: WorkerProcess) -> None:
-        self._retire(worker)
+    def _replace(self, worker: WorkerProcess) -> bool:
+        """Retire ``worker`` and start another; False when someone else already did."""
+        if not self._retire(worker):
+            return False
         self._spawn_later(0)
+        return True
 
     def close(self) -> None:
         self._closed = True
@@ -163,12 +182,9 @@ class WorkerPool:
                         f"no backend worker was free for {self.call_timeout:.0f}s; retry"
                     ) from None
                 continue
-            if worker.proc.poll() is None:
+            if worker.proc.poll() is None and not worker.retired:
                 return worker
-            log.warning(
-                "backend worker %d died while idle (exit %s); replacing it", worker.proc.pid, worker.proc.poll()
-            )
-            self._replace(worker)
+            self._replace(worker)  # died while idle; usually its watcher got there first
 
     def call(self, operation: str, request_id: str = "", timeout: float | None = None, **kwargs: Any) -> Any:
         """Run ``operation`` in a worker and return its result, or raise the error it answered.

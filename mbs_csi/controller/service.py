@@ -139,27 +139,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             META_FS: wants.fs_type,
             META_PARAMETERS: _parameters_digest(dict(request.parameters)),
         }
-        keys = (
-            f"name:{request.name}",
+        sources = (
             f"snapshot:{source_snapshot}" if source_snapshot else "",
             f"volume:{source_volume}" if source_volume else "",
         )
-        with self.inflight.hold(*keys):
-            existing = self._call("find_volume", name=request.name)
-            if existing is not None and existing.status in USABLE:
-                self._check_same_request(existing, backend, capacity, source_snapshot, source_volume, metadata)
-                return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(existing))
-            minimum = self._source_size(source_snapshot, source_volume)
-            size = validate.size_gib(capacity, max(minimum, validate.DEFAULT_SIZE_GIB))
-            record = self._call(
+        with self.inflight.hold(f"name:{request.name}", shared=sources):
+            minimum = validate.DEFAULT_SIZE_GIB
+            if source_kind:  # an existing volume answers a repeat even after its source is gone
+                existing = self._call("find_volume", name=request.name)
+                if existing is None or existing.status not in USABLE:
+                    minimum = max(minimum, self._source_size(source_snapshot, source_volume))
+            record, created = self._call(
                 "create_volume",
                 backend=backend.name,
                 name=request.name,
-                size_gib=size,
+                size_gib=validate.size_gib(capacity, minimum),
                 metadata=metadata,
                 source_volume_id=source_volume or None,
                 source_snapshot_id=source_snapshot or None,
             )
+            if not created:
+                self._check_same_request(record, backend, capacity, source_snapshot, source_volume, metadata)
         return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(record))
 
     def _source_size(self, snapshot_id: str, volume_id: str) -> int:
@@ -348,7 +348,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateSnapshot(self, request, context):
         require(request.name, "name")
         require(request.source_volume_id, "source_volume_id")
-        with self.inflight.hold(f"snapshot-name:{request.name}", f"volume:{request.source_volume_id}"):
+        with self.inflight.hold(f"snapshot-name:{request.name}", shared=[f"volume:{request.source_volume_id}"]):
             existing = self._call("find_snapshot", name=request.name)
             if existing is not None and existing.status == "available":
                 if existing.volume_id != request.source_volume_id:

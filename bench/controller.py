@@ -1,0 +1,223 @@
+"""Controller benchmark: CreateVolume+DeleteVolume and CreateSnapshot+DeleteSnapshot cycles through
+mbs-csi's gRPC API against the same operations as raw in-process cinderlib calls, on the same backend, in
+the same run, at several concurrencies. Prints a table and JSON.
+
+    .venv/bin/python -m bench.controller [--backends loopback,ceph] [--quick] [--json out.json]
+
+Targets (issue 3): per-op time within 1.15x of raw cinderlib at concurrency 1; throughput at concurrency
+16 at least 3x that at concurrency 1 on Ceph, or at least 0.9x raw cinderlib's own concurrent ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from csi import csi_pb2 as pb
+from mbs_csi import config
+from tests.controller_support import ControllerUnderTest
+from tests.csi_requests import create_request
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
+def summarize(run: dict) -> dict:
+    return {
+        "create_median_ms": 1000 * statistics.median(run["timings"]["create"]),
+        "create_p90_ms": 1000 * p90(run["timings"]["create"]),
+        "delete_median_ms": 1000 * statistics.median(run["timings"]["delete"]),
+        "delete_p90_ms": 1000 * p90(run["timings"]["delete"]),
+        "cycles_per_s": run["cycles"] / run["wall"],
+    }
+
+
+def csi_cycles(stub, kind: str, count: int, concurrency: int) -> dict:
+    source = (
+        stub.CreateVolume(create_request(f"bench-src-{uuid.uuid4().hex[:8]}")).volume if kind == "snapshot" else None
+    )
+    timings: dict[str, list[float]] = {"create": [], "delete": []}
+
+    def one(_):
+        name = f"bench-{uuid.uuid4().hex[:12]}"
+        start = time.monotonic()
+        if kind == "volume":
+            made_id = stub.CreateVolume(create_request(name)).volume.volume_id
+            made = time.monotonic()
+            stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=made_id))
+        else:
+            made_id = stub.CreateSnapshot(
+                pb.CreateSnapshotRequest(name=name, source_volume_id=source.volume_id)
+            ).snapshot.snapshot_id
+            made = time.monotonic()
+            stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=made_id))
+        timings["create"].append(made - start)
+        timings["delete"].append(time.monotonic() - made)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(count)))
+    wall = time.monotonic() - started
+    if source is not None:
+        stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=source.volume_id))
+    return {"timings": timings, "wall": wall, "cycles": count}
+
+
+def raw_cycles(
+    backend: dict, workdir: Path, concurrency: list[int], counts: dict[int, int], database: str | None
+) -> dict:
+    job = {
+        "database": database or f"sqlite:///{workdir}/raw.sqlite",
+        "locks": str(workdir),
+        "state": str(workdir),
+        "name": backend["name"],
+        "volume_driver": backend["volume_driver"],
+        "options": backend["driver_options"],
+        "concurrency": concurrency,
+        "cycles": {str(c): n for c, n in counts.items()},
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.raw_cinderlib"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_backend(backend: dict, concurrency: list[int], counts: dict[int, int], postgres=None) -> dict:
+    """Both sides on SQLite files, or on two fresh databases of ``postgres`` (a PostgresCluster)."""
+    new_db = (lambda: postgres.new_database(f"bench_{uuid.uuid4().hex[:8]}")) if postgres else (lambda: None)
+    ctl = ControllerUnderTest(new_db(), extra={"backend_workers": max(concurrency)}, backends=[backend])
+    try:
+        deadline = time.monotonic() + 180
+        while len(ctl.ready_worker_pids()) < max(concurrency) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for kind in ("volume", "snapshot"):  # warm-up: every worker serves a few calls first
+            csi_cycles(ctl.stub, kind, 3 * max(concurrency), max(concurrency))
+        csi = {f"{k}/{c}": csi_cycles(ctl.stub, k, counts[c], c) for k in ("volume", "snapshot") for c in concurrency}
+        raw = raw_cycles(backend, ctl.workdir, concurrency, counts, new_db())
+    finally:
+        ctl.close()
+    return {key: {"mbs_csi": summarize(csi[key]), "raw_cinderlib": summarize(raw[key])} for key in csi}
+
+
+def ratios(results: dict, concurrency: list[int]) -> dict:
+    out = {}
+    for key, row in results.items():
+        out[key] = {
+            "create_ratio": row["mbs_csi"]["create_median_ms"] / row["raw_cinderlib"]["create_median_ms"],
+            "delete_ratio": row["mbs_csi"]["delete_median_ms"] / row["raw_cinderlib"]["delete_median_ms"],
+            "throughput_ratio": row["mbs_csi"]["cycles_per_s"] / row["raw_cinderlib"]["cycles_per_s"],
+        }
+    for kind in ("volume", "snapshot"):
+        low, high = f"{kind}/{min(concurrency)}", f"{kind}/{max(concurrency)}"
+        out[f"{kind}/scaling"] = {
+            "mbs_csi": results[high]["mbs_csi"]["cycles_per_s"] / results[low]["mbs_csi"]["cycles_per_s"],
+            "raw_cinderlib": results[high]["raw_cinderlib"]["cycles_per_s"]
+            / results[low]["raw_cinderlib"]["cycles_per_s"],
+        }
+    return out
+
+
+def table(name: str, results: dict, derived: dict) -> str:
+    lines = [
+        f"\n{name}",
+        f"{'op/conc':<14}{'impl':<15}{'create med/p90 ms':>20}{'delete med/p90 ms':>20}{'cycles/s':>10}{'x raw':>8}",
+    ]
+    for key, row in results.items():
+        for impl in ("mbs_csi", "raw_cinderlib"):
+            r = row[impl]
+            ratio = f"{derived[key]['create_ratio']:.2f}" if impl == "mbs_csi" else ""
+            lines.append(
+                f"{key:<14}{impl:<15}{r['create_median_ms']:>10.1f}/{r['create_p90_ms']:<9.1f}"
+                f"{r['delete_median_ms']:>10.1f}/{r['delete_p90_ms']:<9.1f}{r['cycles_per_s']:>10.1f}{ratio:>8}"
+            )
+    for kind in ("volume", "snapshot"):
+        s = derived[f"{kind}/scaling"]
+        lines.append(
+            f"{kind} throughput, highest/lowest concurrency: mbs-csi {s['mbs_csi']:.2f}x, "
+            f"raw cinderlib {s['raw_cinderlib']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="loopback,ceph")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="what both sides persist to (postgresql: a throwaway local cluster)",
+    )
+    parser.add_argument("--quick", action="store_true", help="few cycles: checks the benchmark runs, measures little")
+    parser.add_argument("--json", metavar="PATH", help="also write the JSON here")
+    args = parser.parse_args()
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    counts = {c: (2 * c if args.quick else max(20, 4 * c)) for c in concurrency}
+    report: dict = {"concurrency": concurrency, "cycles": counts, "database": args.database, "backends": {}}
+    cleanups = []
+    postgres = None
+    try:
+        if args.database == "postgresql":
+            from tests.postgres import PostgresCluster
+
+            postgres = PostgresCluster()
+            cleanups.append(postgres.destroy)
+        for name in args.backends.split(","):
+            if name == "loopback":
+                directory = Path(f"/tmp/mbs-bench-{uuid.uuid4().hex[:8]}")
+                backend = {
+                    "name": "loop",
+                    "volume_driver": config.LOOPBACK_DRIVER,
+                    "driver_options": {"loopback_dir": str(directory)},
+                }
+            elif name == "ceph":
+                from tests.ceph import CephCluster
+
+                cluster = CephCluster()
+                cleanups.append(cluster.destroy)
+                backend = {
+                    "name": "ceph",
+                    "volume_driver": "cinder.volume.drivers.rbd.RBDDriver",
+                    "driver_options": {
+                        "rbd_pool": cluster.pool,
+                        "rbd_ceph_conf": str(cluster.conf_path),
+                        "rbd_user": cluster.user,
+                        "rbd_keyring_conf": str(cluster.keyring_path),
+                        "rbd_max_clone_depth": 0,
+                    },
+                }
+            else:
+                parser.error(f"unknown backend {name}")
+            results = bench_backend(backend, concurrency, counts, postgres)
+            derived = ratios(results, concurrency)
+            report["backends"][name] = {"results": results, "derived": derived}
+            print(table(name, results, derived), flush=True)
+    finally:
+        for cleanup in cleanups:
+            cleanup()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The baseline: the same operations as raw in-process cinderlib calls, from green threads in one
+eventlet-patched process (the way a Cinder service runs drivers). Reads a JSON job on stdin, prints
+one JSON line of per-operation latencies and wall times."""
+
+import eventlet
+
+eventlet.monkey_patch()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+import cinderlib  # noqa: E402
+
+
+def cycles(backend, kind: str, count: int, concurrency: int) -> dict:
+    source = backend.create_volume(size=1, name="bench-source") if kind == "snapshot" else None
+    timings: dict[str, list[float]] = {"create": [], "delete": []}
+
+    def one(_):
+        start = time.monotonic()
+        if kind == "volume":
+            thing = backend.create_volume(size=1, name=f"bench-{uuid.uuid4().hex[:8]}")
+        else:
+            thing = source.create_snapshot(name=f"bench-{uuid.uuid4().hex[:8]}")
+        made = time.monotonic()
+        thing.delete()
+        timings["create"].append(made - start)
+        timings["delete"].append(time.monotonic() - made)
+
+    pool = eventlet.GreenPool(concurrency)
+    started = time.monotonic()
+    list(pool.imap(one, range(count)))
+    wall = time.monotonic() - started
+    if source is not None:
+        source.delete()
+    return {"timings": timings, "wall": wall, "cycles": count}
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    cinderlib.setup(
+        persistence_config={"storage": "db", "connection": job["database"]},
+        file_locks_path=job["locks"],
+        state_path=job["state"],
+        disable_logs=True,
+    )
+    backend = cinderlib.Backend(volume_backend_name=job["name"], volume_driver=job["volume_driver"], **job["options"])
+    for kind in ("volume", "snapshot"):  # warm-up, as on the mbs-csi side
+        cycles(backend, kind, 3 * max(job["concurrency"]), max(job["concurrency"]))
+    results = {
+        f"{kind}/{c}": cycles(backend, kind, job["cycles"][str(c)], c)
+        for kind in ("volume", "snapshot")
+        for c in job["concurrency"]
+    }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
