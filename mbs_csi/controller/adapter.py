@@ -220,17 +220,22 @@ class Adapter:
                 "made from a source on its own backend"
             )
 
-    def _destroy_volume(self, volume: objects.Volume) -> None:
-        """Delete from the storage (absent is fine) and forget the record."""
+    @staticmethod
+    def _destroy(resource: Any, delete_on_storage: Callable[[Any], Any], forget: Callable[[Any], Any]) -> None:
+        """Delete a volume or snapshot from the storage (absent is fine), then forget its record; when the
+        storage refuses, the record stays, marked ``error_deleting``."""
         try:
-            volume.backend.driver.delete_volume(volume._ovo)
+            delete_on_storage(resource._ovo)
         except cinder_exception.NotFound:
             pass
         except Exception:
-            volume._ovo.status = "error_deleting"
-            volume.save()
+            resource._ovo.status = "error_deleting"
+            resource.save()
             raise
-        self.persistence.delete_volume(volume)
+        forget(resource)
+
+    def _destroy_volume(self, volume: objects.Volume) -> None:
+        self._destroy(volume, volume.backend.driver.delete_volume, self.persistence.delete_volume)
 
     def op_delete_volume(self, volume_id: str) -> None:
         volume = self._volume(volume_id)
@@ -282,15 +287,7 @@ class Adapter:
         return snapshot_record(found)
 
     def _destroy_snapshot(self, snapshot: objects.Snapshot) -> None:
-        try:
-            snapshot.backend.driver.delete_snapshot(snapshot._ovo)
-        except cinder_exception.NotFound:
-            pass
-        except Exception:
-            snapshot._ovo.status = "error_deleting"
-            snapshot.save()
-            raise
-        self.persistence.delete_snapshot(snapshot)
+        self._destroy(snapshot, snapshot.backend.driver.delete_snapshot, self.persistence.delete_snapshot)
 
     def op_delete_snapshot(self, snapshot_id: str) -> None:
         snapshot = self._snapshot(snapshot_id)

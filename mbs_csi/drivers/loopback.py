@@ -294,39 +294,34 @@ class LoopbackDriver(driver.VolumeDriver):
 
     # -- volumes and snapshots ------------------------------------------------------------------------
 
-    def create_volume(self, volume: Any) -> None:
-        final = self._path(volume.name)
-        if final.exists():
-            raise _fail(f"{final} already exists")
-        tmp = self._tmp_path(volume.name)
-        try:
-            with open(tmp, "xb") as f:
-                f.truncate(volume.size * GiB)
-            publish(tmp, final)
-        except OSError as exc:
-            raise _fail(f"cannot create {final}: {exc.strerror}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        LOG.info("Created loopback volume %s (%d GiB)", final, volume.size)
-
-    def _copy(self, source: Path, name: str, size_gib: int | None) -> None:
-        """Copy ``source`` to a new file ``name`` (reflink or sparse), grown to ``size_gib`` if given."""
+    @contextlib.contextmanager
+    def _new_file(self, name: str, doing: str) -> Iterator[Path]:
+        """A temp path for the caller to fill; it becomes ``name`` (never overwriting) once the block ends."""
         final = self._path(name)
         if final.exists():
             raise _fail(f"{final} already exists")
         tmp = self._tmp_path(name)
         try:
-            _run(["cp", "--reflink=auto", "--sparse=always", str(source), str(tmp)])
-            if size_gib is not None:
-                grow(tmp, size_gib * GiB)
+            yield tmp
             publish(tmp, final)
         except OSError as exc:
-            raise _fail(f"cannot copy {source} to {final}: {exc.strerror}") from exc
+            raise _fail(f"cannot {doing} {final}: {exc.strerror}") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        LOG.info("Copied %s to %s", source, final)
+
+    def create_volume(self, volume: Any) -> None:
+        with self._new_file(volume.name, "create") as tmp, open(tmp, "xb") as f:
+            f.truncate(volume.size * GiB)
+        LOG.info("Created loopback volume %s (%d GiB)", self._path(volume.name), volume.size)
+
+    def _copy(self, source: Path, name: str, size_gib: int | None) -> None:
+        """Copy ``source`` to a new file ``name`` (reflink or sparse), grown to ``size_gib`` if given."""
+        with self._new_file(name, f"copy {source} to") as tmp:
+            _run(["cp", "--reflink=auto", "--sparse=always", str(source), str(tmp)])
+            if size_gib is not None:
+                grow(tmp, size_gib * GiB)
+        LOG.info("Copied %s to %s", source, self._path(name))
 
     def create_cloned_volume(self, volume: Any, src_vref: Any) -> None:
         self._copy(self._existing(src_vref.name, "source volume"), volume.name, volume.size)
