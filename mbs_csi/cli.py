@@ -32,6 +32,7 @@ _SERVE_FLAGS: tuple[tuple[str, str], ...] = (
     ("log_level", "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
     ("topology", "this node's topology segments as key=value,key2=value2"),
     ("default_backend", "backend used when a StorageClass names none (default: the first)"),
+    ("max_volumes_per_node", "node: how many volumes this node accepts, announced to the CO (default: 0, no limit)"),
 )
 
 
@@ -67,6 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--database", metavar="DATABASE", help="as for serve")
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
     check.set_defaults(func=_backend_check)
+
+    node = sub.add_parser("node", help="node tools", description="Node tools.")
+    node_sub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    attachments = node_sub.add_parser(
+        "attachments",
+        help="list the volumes staged on this node",
+        description="List the volumes this node has staged (its local attachment store) with device, staging "
+        "path, filesystem and whether the device is present and mounted as recorded ('exists').",
+    )
+    attachments.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        metavar="STATE_DIR",
+        help=f"the node's state dir (default: {config.DEFAULT_STATE_DIR})",
+    )
+    attachments.add_argument("--config", metavar="FILE", help="take state_dir from this config file")
+    attachments.add_argument("--json", action="store_true", help="print JSON instead of text")
+    attachments.set_defaults(func=_node_attachments)
 
     version = sub.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=_version)
@@ -105,6 +124,14 @@ def _backend_check(args: argparse.Namespace) -> int:
     reports = backend_check.check(settings, args.names)
     print(backend_check.render(reports, args.json))
     return 0 if all(r.ok for r in reports) else 1
+
+
+def _node_attachments(args: argparse.Namespace) -> int:
+    from mbs_csi.node import attachments
+
+    settings = config.load_settings(args.config, os.environ, {"state_dir": args.state_dir})
+    print(attachments.render(attachments.list_attachments(settings.state_dir), args.json))
+    return 0
 
 
 def _version(args: argparse.Namespace) -> int:

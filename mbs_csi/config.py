@@ -113,6 +113,7 @@ class Settings:
     grace_period: float = 30.0
     log_level: str = "INFO"
     topology: Mapping[str, str] = field(default_factory=dict)
+    max_volumes_per_node: int = 0  # 0: no limit announced
     default_backend: str | None = None
     backends: tuple[Backend, ...] = ()
 
@@ -152,6 +153,7 @@ class Settings:
             "grace_period": self.grace_period,
             "log_level": self.log_level,
             "topology": dict(self.topology),
+            "max_volumes_per_node": self.max_volumes_per_node,
             "default_backend": self.default_backend,
             "backends": [b.describe() for b in self.backends],
         }
@@ -187,6 +189,12 @@ def _int(value: Any) -> int:
 
 def _positive_int_text(text: str) -> int:
     return _positive(int(text))
+
+
+def _not_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError
+    return value
 
 
 def _positive(value: int) -> int:
@@ -281,6 +289,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("topology", "a mapping of topology keys to values (env/flag: key=value,key2=value2)", _labels_text, _labels),
     Option("default_backend", "the name of a configured backend", _str, _str),
+    Option(
+        "max_volumes_per_node",
+        "an integer >= 0 (0: no limit)",
+        lambda t: _not_negative(int(t)),
+        lambda v: _not_negative(_int(v)),
+    ),
 )
 _OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 FILE_KEYS = (*_OPTION_BY_KEY, "backends")

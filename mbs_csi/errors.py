@@ -97,6 +97,12 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
 }
 
 
+def register(cls: type[BaseException], code: grpc.StatusCode) -> None:
+    """Add a row to the table for an exception class of a module that cannot import this one (the node's
+    mount helpers use only the standard library); registered where that module is wired in."""
+    STATUS[cls] = code
+
+
 def to_status(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for ``exc``.
 

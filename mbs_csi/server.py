@@ -24,10 +24,12 @@ from mbs_csi.errors import EndpointError
 from mbs_csi.health import DatabaseReachable, Readiness, StateDirWritable
 from mbs_csi.identity import IdentityService
 from mbs_csi.interceptor import RpcInterceptor
+from mbs_csi.server_files import ATTACHMENTS_FILE
 
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
+CONNECTOR_RETRY = 5.0  # seconds between attempts to publish the node's connector properties
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes, NUL included
 
 
@@ -86,6 +88,7 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.readiness = readiness_for(settings)
+        self._stopping = threading.Event()
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
             interceptors=[RpcInterceptor()],
@@ -97,6 +100,12 @@ class Server:
             self.pool = WorkerPool(worker_config(settings), settings.backend_workers, settings.backend_timeout)
             self.readiness.add(lambda: "; ".join(self.pool.problems()) if self.pool else None)
             csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, self.pool), self._grpc)
+        if settings.runs_node:
+            from mbs_csi.node.service import NodeService
+            from mbs_csi.node.store import AttachmentStore
+
+            store = AttachmentStore(settings.state_dir / ATTACHMENTS_FILE)
+            csi_pb2_grpc.add_NodeServicer_to_server(NodeService(settings, store), self._grpc)
 
     def start(self) -> None:
         endpoint = self.settings.endpoint
@@ -112,8 +121,38 @@ class Server:
             self._bind(endpoint)
         if self.pool is not None:
             self.pool.start()
+        if self.settings.runs_node:
+            self._start_node()
         self._grpc.start()
         log.info("mbs-csi %s serving role=%s on %s", __version__, self.settings.role, endpoint)
+
+    def _start_node(self) -> None:
+        """Set up os-brick's privileged calls and publish this node's connector properties."""
+        from mbs_csi.node import brick
+
+        # On the host path, so an old and a new plugin overlapping during an upgrade share os-brick's locks.
+        brick.setup_privileges(lock_path=str(self.settings.state_dir / "os-brick-locks"))
+        properties = brick.connector_properties(self.settings.node_id)
+        if self.pool is None:
+            log.warning(
+                "role node has no connector store yet (the database store needs database credentials, which a "
+                "node must not hold): ControllerPublishVolume will not find node %s; run role all for now",
+                self.settings.node_id,
+            )
+            return
+        threading.Thread(target=self._publish_connector, args=(properties,), name="connector", daemon=True).start()
+
+    def _publish_connector(self, properties: dict[str, object]) -> None:
+        """Store the connector properties once the backend workers are up, retrying until it works."""
+        assert self.pool is not None
+        while not self._stopping.is_set():
+            try:
+                self.pool.call("set_connector", node_id=self.settings.node_id, properties=properties)
+                log.info("published connector properties of node %s", self.settings.node_id)
+                return
+            except Exception as exc:
+                log.warning("cannot publish connector properties yet (%s); retrying", exc)
+                self._stopping.wait(CONNECTOR_RETRY)
 
     def _bind(self, endpoint: Endpoint) -> None:
         try:
@@ -125,6 +164,7 @@ class Server:
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds, then close."""
+        self._stopping.set()
         self._grpc.stop(grace).wait()
         if self.pool is not None:
             self.pool.close()

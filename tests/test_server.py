@@ -79,7 +79,6 @@ class StallingServer:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.accepted = threading.Event()
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -90,7 +89,6 @@ class StallingServer:
             except OSError:
                 return
             self._conns.append(conn)
-            self.accepted.set()
 
     def close(self) -> None:
         self.sock.close()
@@ -105,6 +103,13 @@ def stalling_db():
     server.close()
 
 
+def wait_in_log(driver: Driver, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in driver.log():
+        assert time.monotonic() < deadline, f"{text!r} never appeared in the driver log"
+        time.sleep(0.05)
+
+
 def slow_probe_driver(workdir, stalling_db, *extra: str) -> Driver:
     url = f"postgresql://mbs@127.0.0.1:{stalling_db.port}/mbs"
     return Driver(["--role", "controller", "--database", url, *extra], workdir).wait_serving()
@@ -117,9 +122,9 @@ def test_sigterm_drains_an_in_flight_call_then_exits_0(workdir, stalling_db):
         with ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
             in_flight = pool.submit(driver.probe)  # blocks ~5 s on the stalling database
-            assert stalling_db.accepted.wait(10), "the probe never reached the database"
+            wait_in_log(driver, "Probe called")  # the call is in the server, blocked on the database
             driver.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            wait_in_log(driver, "received SIGTERM: draining")
             assert driver.proc.poll() is None, "exited with a call still in flight"
             with pytest.raises(grpc.RpcError) as refused:  # new calls are turned away while draining
                 csi_pb2_grpc.IdentityStub(grpc.insecure_channel(f"unix://{driver.socket}")).GetPluginInfo(
@@ -140,7 +145,7 @@ def test_grace_period_bounds_the_drain(workdir, stalling_db):
     try:
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(driver.probe)
-            assert stalling_db.accepted.wait(10)
+            wait_in_log(driver, "Probe called")
             stopped_at = time.monotonic()
             driver.proc.send_signal(signal.SIGINT)
             assert driver.proc.wait(30) == 0

@@ -1,0 +1,276 @@
+"""CSI Node service: attach with os-brick, format only blank devices, mount, and remember each staged
+volume in the local attachment store so every call can be repeated, and undone after a restart."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from csi import csi_pb2, csi_pb2_grpc
+from mbs_csi import errors
+from mbs_csi.config import Settings
+from mbs_csi.controller import validate
+from mbs_csi.controller.inflight import InFlight
+from mbs_csi.controller.validate import require
+from mbs_csi.node import brick, mounts
+from mbs_csi.node.store import Attachment, AttachmentStore
+from mbs_csi.publish_context import from_publish_context
+
+RPC = csi_pb2.NodeServiceCapability.RPC
+errors.register(mounts.MountError, grpc.StatusCode.INTERNAL)
+
+
+def _mount_options(fs_type: str, flags: list[str]) -> list[str]:
+    # A clone or restored snapshot of an xfs volume carries its source's UUID, and xfs refuses to mount
+    # a second filesystem with a UUID already mounted on the node.
+    return [*flags, "nouuid"] if fs_type == "xfs" and "nouuid" not in flags else flags
+
+
+def _access(capability: csi_pb2.VolumeCapability) -> validate.Access:
+    # The controller already refused what the backend cannot do; here only the shape matters.
+    return validate.access([capability], multiattach=True)
+
+
+def attachment_problem(staged: Attachment) -> str | None:
+    """Why a staged volume is not as recorded (device gone, mount vanished), or None when it is."""
+    device = staged.device_path
+    # A device node can outlive its device (a detached loop device keeps /dev/loopN): no capacity is gone too.
+    if not os.path.exists(device) or _size_or_zero(device) == 0:
+        return f"device {device} is gone"
+    if staged.access_type == "mount" and mounts.mounted_device(staged.staging_path) != os.path.realpath(device):
+        return f"{staged.staging_path} no longer has {device} mounted"
+    return None
+
+
+def _size_or_zero(device: str) -> int:
+    try:
+        return mounts.block_device_size(device)
+    except mounts.MountError:
+        return 0
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, settings: Settings, store: AttachmentStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.inflight = InFlight()
+
+    # --- info ---------------------------------------------------------------------------------------
+
+    def NodeGetInfo(self, request, context):
+        topology = csi_pb2.Topology(segments=dict(self.settings.topology)) if self.settings.topology else None
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.settings.node_id,
+            max_volumes_per_node=self.settings.max_volumes_per_node,
+            accessible_topology=topology,
+        )
+
+    def NodeGetCapabilities(self, request, context):
+        rpcs = [
+            RPC.STAGE_UNSTAGE_VOLUME,
+            RPC.GET_VOLUME_STATS,
+            RPC.EXPAND_VOLUME,
+            RPC.VOLUME_CONDITION,
+            RPC.VOLUME_MOUNT_GROUP,
+            RPC.SINGLE_NODE_MULTI_WRITER,
+        ]
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[csi_pb2.NodeServiceCapability(rpc=RPC(type=t)) for t in rpcs]
+        )
+
+    # --- stage --------------------------------------------------------------------------------------
+
+    def NodeStageVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
+        require(dict(request.publish_context), "publish_context (was the volume published to this node?)")
+        wants = _access(request.volume_capability)
+        fs_type = wants.fs_type if wants.type == "mount" else ""
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            existing = self.store.get(request.volume_id)
+            if existing is not None:
+                return self._restage(existing, request, wants.type, fs_type)
+            try:
+                connection_info = from_publish_context(dict(request.publish_context), dict(request.secrets))
+            except KeyError as missing:
+                raise errors.FailedPrecondition(
+                    f"node-stage secret {missing} is missing: the backend withholds it from publish_context; "
+                    "reference a Secret holding it with csi.storage.k8s.io/node-stage-secret-name"
+                ) from None
+            device_info = brick.attach(connection_info)
+            device = str(device_info.get("path") or "")
+            try:
+                if wants.type == "mount":
+                    self._format_and_mount(
+                        device, request.staging_target_path, fs_type, list(request.volume_capability.mount.mount_flags)
+                    )
+                self.store.put(
+                    Attachment(
+                        volume_id=request.volume_id,
+                        staging_path=request.staging_target_path,
+                        access_type=wants.type,
+                        fs_type=fs_type,
+                        connection_info=connection_info,
+                        device_info=device_info,
+                        device_path=device,
+                    )
+                )
+            except Exception:
+                with contextlib.suppress(Exception):
+                    mounts.unmount(request.staging_target_path)
+                with contextlib.suppress(Exception):
+                    brick.detach(connection_info, device_info)
+                raise
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @staticmethod
+    def _format_and_mount(device: str, staging: str, fs_type: str, flags: list[str]) -> None:
+        found = mounts.filesystem_of(device)
+        if found is None:
+            if mounts.has_signature(device):
+                raise errors.FailedPrecondition(
+                    f"device {device} carries a signature (partition table or similar) but no filesystem; "
+                    "refusing to format it"
+                )
+            mounts.format_device(device, fs_type)
+        elif found != fs_type:
+            raise errors.FailedPrecondition(
+                f"device {device} already holds a {found} filesystem, not {fs_type}; refusing to reformat it"
+            )
+        mounts.ensure_dir(staging)
+        mounts.mount(device, staging, fs_type=fs_type, options=_mount_options(fs_type, flags))
+
+    def _restage(self, existing: Attachment, request: Any, access_type: str, fs_type: str) -> Any:
+        if existing.staging_path != request.staging_target_path:
+            raise errors.FailedPrecondition(f"volume {existing.volume_id} is already staged at {existing.staging_path}")
+        if existing.access_type != access_type or existing.fs_type != fs_type:
+            raise errors.AlreadyExists(
+                f"volume {existing.volume_id} is staged as {existing.access_type} {existing.fs_type}".rstrip()
+                + f", not {access_type} {fs_type}".rstrip()
+            )
+        if access_type == "mount" and not mounts.is_mounted(existing.staging_path):  # e.g. after a reboot
+            mounts.ensure_dir(existing.staging_path)
+            mounts.mount(
+                existing.device_path,
+                existing.staging_path,
+                fs_type=fs_type,
+                options=_mount_options(fs_type, list(request.volume_capability.mount.mount_flags)),
+            )
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def NodeUnstageVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            existing = self.store.get(request.volume_id)
+            if existing is None:
+                return csi_pb2.NodeUnstageVolumeResponse()
+            mounts.unmount(existing.staging_path)
+            brick.detach(existing.connection_info, existing.device_info)
+            self.store.remove(existing.volume_id)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # --- publish ------------------------------------------------------------------------------------
+
+    def NodePublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        require(request.target_path, "target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
+        wants = _access(request.volume_capability)
+        with self.inflight.hold(f"target:{request.target_path}"):
+            staged = self.store.get(request.volume_id)
+            if staged is None or staged.staging_path != request.staging_target_path:
+                raise errors.FailedPrecondition(
+                    f"volume {request.volume_id} is not staged at {request.staging_target_path}; stage it first"
+                )
+            source = staged.staging_path if wants.type == "mount" else staged.device_path
+            if mounts.is_mounted(request.target_path):
+                if not self._same_mount(request.target_path, staged):
+                    raise errors.AlreadyExists(f"{request.target_path} is already mounted with something else")
+                return csi_pb2.NodePublishVolumeResponse()
+            if wants.type == "mount":
+                mounts.ensure_dir(request.target_path)
+            else:
+                mounts.ensure_file(request.target_path)
+            flags = list(request.volume_capability.mount.mount_flags) if wants.type == "mount" else []
+            mounts.mount(source, request.target_path, options=flags, bind=True, readonly=request.readonly)
+            group = request.volume_capability.mount.volume_mount_group if wants.type == "mount" else ""
+            if group:
+                if not group.isdigit():
+                    mounts.unmount(request.target_path)
+                    raise errors.InvalidArgument(f"volume_mount_group must be a numeric group id, not {group!r}")
+                mounts.apply_group(request.target_path, int(group))
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @staticmethod
+    def _same_mount(target: str, staged: Attachment) -> bool:
+        return mounts.mounted_device(target) == os.path.realpath(staged.device_path)
+
+    def NodeUnpublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
+        with self.inflight.hold(f"target:{request.target_path}"):
+            mounts.unmount(request.target_path)
+            target = Path(request.target_path)
+            with contextlib.suppress(FileNotFoundError):
+                target.rmdir() if target.is_dir() else target.unlink()
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # --- stats and expansion ------------------------------------------------------------------------
+
+    def _staged_at(self, volume_id: str, path: str) -> Attachment:
+        staged = self.store.get(volume_id)
+        if staged is None or not (path == staged.staging_path or self._same_mount(path, staged)):
+            raise errors.NotFound(f"{path} is not a path of volume {volume_id} on this node")
+        return staged
+
+    def NodeGetVolumeStats(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
+        staged = self.store.get(request.volume_id)
+        if staged is None:
+            raise errors.NotFound(f"volume {request.volume_id} is not staged on this node")
+        problem = attachment_problem(staged)
+        condition = csi_pb2.VolumeCondition(
+            abnormal=problem is not None, message=problem or "volume is attached and mounted as recorded"
+        )
+        if problem:
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=condition)
+        self._staged_at(request.volume_id, request.volume_path)
+        Usage = csi_pb2.VolumeUsage
+        if staged.access_type == "block":
+            usage = [Usage(unit=Usage.BYTES, total=mounts.block_device_size(staged.device_path))]
+        else:
+            stats = mounts.filesystem_stats(request.volume_path)
+            usage = [
+                Usage(
+                    unit=Usage.BYTES,
+                    total=stats["bytes_total"],
+                    used=stats["bytes_used"],
+                    available=stats["bytes_available"],
+                ),
+                Usage(
+                    unit=Usage.INODES,
+                    total=stats["inodes_total"],
+                    used=stats["inodes_used"],
+                    available=stats["inodes_free"],
+                ),
+            ]
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def NodeExpandVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            staged = self._staged_at(request.volume_id, request.volume_path)
+            brick.extend(staged.connection_info)  # rescans where the protocol needs it (iSCSI, FC...)
+            if staged.access_type == "mount":
+                mounts.resize_filesystem(staged.device_path, staged.staging_path, staged.fs_type)
+            size = mounts.block_device_size(staged.device_path)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)

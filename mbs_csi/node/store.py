@@ -1,0 +1,207 @@
+"""The node's local attachment store: which volumes are staged here, and how to detach them.
+
+Like Vdsm's managed volume DB: one SQLite file on the node's host path (``<state_dir>/attachments.sqlite``),
+one row per staged volume with the connection info, os-brick's device info, the staging path and the
+filesystem. NodeStageVolume writes the row after attaching; NodeUnstageVolume reads it to call
+``disconnect_volume`` and then removes it; ``mbs-csi node attachments`` lists the rows.
+
+**No secrets on disk.** Connection info may hold a CHAP password or a Ceph keyring (merged in from the
+node-stage secrets). Every entry whose key looks secret (:func:`mbs_csi.publish_context.is_secret_name`,
+at any depth) or whose string value holds a registered secret is dropped before a row is written, in
+``connection_info``, ``device_info`` and ``extra`` alike; what :meth:`AttachmentStore.get` returns is that
+secret-free copy. ``disconnect_volume`` does not need the secrets (an iSCSI logout or a krbd unmap needs
+no password), which is as well: CSI's NodeUnstageVolume carries no secrets to fill them back from.
+
+Standard library only (``sqlite3``): the node role must start fast. One connection per store guarded by
+a lock serves the gRPC server's threads; WAL journaling with ``synchronous=FULL`` makes every write
+durable when :meth:`~AttachmentStore.put`/:meth:`~AttachmentStore.remove` return, and lets another
+process (the CLI) read while the server writes. ``PRAGMA user_version`` holds the schema version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from mbs_csi import secrets
+from mbs_csi.publish_context import is_secret_name
+
+FILENAME = "attachments.sqlite"
+ACCESS_TYPES = ("mount", "block")
+BUSY_TIMEOUT = 30.0  # seconds to wait for another process's write lock
+
+# _MIGRATIONS[n] takes the schema from version n to n + 1; SCHEMA_VERSION is where they lead.
+_MIGRATIONS: list[list[str]] = [
+    [
+        """
+        CREATE TABLE attachments (
+            volume_id       TEXT PRIMARY KEY,
+            staging_path    TEXT NOT NULL,
+            access_type     TEXT NOT NULL CHECK (access_type IN ('mount', 'block')),
+            fs_type         TEXT NOT NULL DEFAULT '',
+            connection_info TEXT NOT NULL DEFAULT '{}',
+            device_info     TEXT NOT NULL DEFAULT '{}',
+            device_path     TEXT NOT NULL DEFAULT '',
+            created_at      REAL NOT NULL,
+            extra           TEXT NOT NULL DEFAULT '{}'
+        )
+        """,
+    ],
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_COLUMNS = (
+    "volume_id",
+    "staging_path",
+    "access_type",
+    "fs_type",
+    "connection_info",
+    "device_info",
+    "device_path",
+    "created_at",
+    "extra",
+)
+_JSON_COLUMNS = ("connection_info", "device_info", "extra")
+
+
+class StoreError(Exception):
+    """The store file cannot be used (written by a newer version, corrupt, unreadable)."""
+
+
+@dataclass
+class Attachment:
+    """One staged volume. ``created_at`` is seconds since the epoch."""
+
+    volume_id: str
+    staging_path: str
+    access_type: str  # "mount" or "block"
+    fs_type: str = ""
+    connection_info: dict[str, Any] = field(default_factory=dict)
+    device_info: dict[str, Any] = field(default_factory=dict)
+    device_path: str = ""
+    created_at: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fs_type = self.fs_type or ""
+        self.device_path = self.device_path or ""
+        if not self.volume_id:
+            raise ValueError("an attachment needs a volume id")
+        if self.access_type not in ACCESS_TYPES:
+            raise ValueError(f"access_type must be one of {ACCESS_TYPES}, not {self.access_type!r}")
+
+
+def without_secrets(value: Any) -> Any:
+    """``value`` minus every mapping entry whose key looks secret or whose value holds a registered secret."""
+    if isinstance(value, Mapping):
+        return {
+            key: without_secrets(item)
+            for key, item in value.items()
+            if not is_secret_name(str(key)) and not (isinstance(item, str) and secrets.scrub(item) != item)
+        }
+    if isinstance(value, list | tuple):
+        return [without_secrets(item) for item in value if not (isinstance(item, str) and secrets.scrub(item) != item)]
+    return value
+
+
+class AttachmentStore:
+    """The attachment records of this node, in the SQLite file at ``path`` (created with its schema)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        # Owner-only from the start: SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"attachment store {self.path}: {exc}") from exc
+
+    @classmethod
+    def in_state_dir(cls, state_dir: str | os.PathLike[str]) -> AttachmentStore:
+        return cls(os.path.join(os.fspath(state_dir), FILENAME))
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"attachment store {self.path} has schema version {version}, written by a newer mbs-csi; "
+                    f"this one knows up to {SCHEMA_VERSION}: run the newer node plugin"
+                )
+            for step in _MIGRATIONS[version:]:
+                for statement in step:
+                    db.execute(statement)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get(self, volume_id: str) -> Attachment | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM attachments WHERE volume_id = ?", (volume_id,)
+            ).fetchone()
+        return _from_row(row) if row is not None else None
+
+    def put(self, attachment: Attachment) -> None:
+        """Insert the record, or replace the one of the same volume; secret-looking entries are dropped."""
+        values = {name: getattr(attachment, name) for name in _COLUMNS}
+        for name in _JSON_COLUMNS:
+            values[name] = json.dumps(without_secrets(values[name]), sort_keys=True)
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO attachments ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                tuple(values[name] for name in _COLUMNS),
+            )
+
+    def remove(self, volume_id: str) -> bool:
+        """Forget the volume's record; False if there was none."""
+        with self._transaction() as db:
+            return db.execute("DELETE FROM attachments WHERE volume_id = ?", (volume_id,)).rowcount > 0
+
+    def all(self) -> list[Attachment]:
+        """Every record, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM attachments ORDER BY created_at, volume_id"
+            ).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> AttachmentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _from_row(row: tuple[Any, ...]) -> Attachment:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    for name in _JSON_COLUMNS:
+        values[name] = json.loads(values[name])
+    return Attachment(**values)

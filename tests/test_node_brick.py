@@ -1,0 +1,233 @@
+"""The os-brick adapter against real os-brick 7 and real loop devices (LOCAL is the connector that can
+attach on this machine; the iSCSI connector runs for real too, and fails because there is no iscsiadm).
+
+os-brick runs **in this pytest process**, as it will in the node plugin. What it changes is process-global
+but used by nothing else here: options registered/overridden on oslo.config's global ``cfg.CONF``
+(groups ``os_brick`` and ``privsep_osbrick``), the client mode of os-brick's two privsep contexts, and an
+``eventlet`` import that patches nothing. cinderlib, the other oslo user, only ever runs in child
+processes. The helper-daemon privsep mode, which starts a daemon and flips those globals the other way,
+and the start-up figures, which need a fresh interpreter, run in child processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mbs_csi import errors, logs
+from mbs_csi.node import brick
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("losetup") is None, reason="needs root and losetup for real loop devices"
+    ),
+    # oslo's eventlet-era modules warn that they are deprecated when os-brick loads them, and eventlet
+    # (imported, never patching) warns on every fork: each command os-brick runs.
+    pytest.mark.filterwarnings("ignore:Using fork:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_utils.eventletutils"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_service.eventlet_backdoor"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def privileges(tmp_path_factory: pytest.TempPathFactory) -> None:
+    brick.setup_privileges(lock_path=str(tmp_path_factory.mktemp("brick-locks")))
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    backing = tmp_path / "volume.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 * MIB)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    try:
+        yield device, backing
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False, timeout=60)
+
+
+def local(device: str, protocol: str = "local") -> dict:
+    return {"driver_volume_type": protocol, "data": {"device_path": device, "volume_id": "vol-1"}}
+
+
+def test_connector_properties_name_the_node_and_are_json(capsys: pytest.CaptureFixture[str]):
+    started = time.perf_counter()
+    props = brick.connector_properties("node-7")
+    elapsed = time.perf_counter() - started
+    assert json.loads(json.dumps(props)) == props
+    assert props["host"] == "node-7"
+    assert props["multipath"] is False
+    assert props["os_type"] == "linux" and props["platform"]
+    assert isinstance(props["ip"], str) and props["ip"]
+    # No iscsid here: os-brick leaves the key out rather than failing.
+    assert ("initiator" in props) == Path("/etc/iscsi/initiatorname.iscsi").exists()
+    # With the nvme CLI installed os-brick creates /etc/nvme/hostnqn if missing; without it, no key.
+    if "nqn" in props:
+        assert props["nqn"] == Path("/etc/nvme/hostnqn").read_text().strip()
+    else:
+        assert shutil.which("nvme") is None
+    assert brick.connector_properties("node-7", my_ip="198.51.100.7")["ip"] == "198.51.100.7"
+    with capsys.disabled():
+        print(f"\nconnector_properties: {elapsed * 1000:.0f} ms, keys {sorted(props)}")
+
+
+def test_attach_local_gives_the_device_and_detach_leaves_it_alone(loop_device: tuple[str, Path]):
+    device, _ = loop_device
+    info = brick.attach(local(device))
+    assert info == {"type": "local", "path": device}
+    assert Path(info["path"]).is_block_device()
+    assert brick.attach(local(device, "LOCAL")) == info  # protocol names are case-insensitive; attach repeats
+    assert brick.detach(local(device), info) is None
+    assert brick.detach(local(device), None, force=True) is None
+    assert Path(device).is_block_device()  # LOCAL disconnect is a no-op: the loop device belongs to the backend
+
+
+def test_extend_local_reports_the_device_size_in_bytes(loop_device: tuple[str, Path]):
+    device, backing = loop_device
+    assert brick.extend(local(device)) == 64 * MIB
+    with open(backing, "r+b") as f:
+        f.truncate(96 * MIB)
+    subprocess.run(["losetup", "--set-capacity", device], check=True, timeout=60)
+    assert brick.extend(local(device)) == 96 * MIB
+
+
+def test_extend_is_none_when_the_connector_cannot():
+    # os-brick's VMDK connector raises NotImplementedError from extend_volume (LOCAL does not, see above).
+    assert brick.extend({"driver_volume_type": "vmdk", "data": {"volume_id": "vol-1"}}) is None
+
+
+def test_unknown_protocol_is_a_clear_error():
+    with pytest.raises(brick.BrickError) as caught:
+        brick.attach({"driver_volume_type": "frobnicate", "data": {"volume_id": "vol-1"}})
+    message = str(caught.value)
+    assert "'frobnicate'" in message and "no connector" in message
+    assert "ISCSI" in message and "LOCAL" in message and "RBD" in message  # lists what would work
+    assert isinstance(caught.value, brick.UnknownProtocol)
+    assert errors.to_status(caught.value, "r")[0].name == "FAILED_PRECONDITION"
+    assert "LOCAL" in brick.protocols() and "NVMEOF" in brick.protocols()
+
+
+@pytest.mark.parametrize(
+    ("info", "needle"),
+    [({"data": {}}, "driver_volume_type"), ({"driver_volume_type": "local"}, "'data'"), ("nonsense", "protocol")],
+)
+def test_malformed_connection_info_is_a_clear_error(info: object, needle: str):
+    with pytest.raises(brick.BrickError, match=needle):
+        brick.attach(info)  # type: ignore[arg-type]
+
+
+def test_a_missing_key_is_named():
+    with pytest.raises(brick.BrickError, match="no device_path"):
+        brick.attach({"driver_volume_type": "local", "data": {}})  # os-brick's own ValueError
+    with pytest.raises(brick.BrickError, match="the connection data has no 'device_path'"):
+        brick.extend({"driver_volume_type": "gpfs", "data": {}})  # a bare KeyError inside os-brick
+
+
+def test_a_failing_iscsi_attach_is_quick_and_its_message_holds_no_secret(caplog: pytest.LogCaptureFixture):
+    password, discovery = "chap-Pa55w0rd-node-brick", "discovery-Pa55w0rd-node-brick"
+    info = {
+        "driver_volume_type": "iscsi",
+        "data": {
+            "target_portal": "127.0.0.1:3260",
+            "target_iqn": "iqn.2010-10.org.openstack:volume-1",
+            "target_lun": 1,
+            "volume_id": "vol-1",
+            "auth_method": "CHAP",
+            "auth_username": "chap-user",
+            "auth_password": password,
+            "discovery_auth_method": "CHAP",
+            "discovery_auth_username": "chap-user",
+            "discovery_auth_password": discovery,
+        },
+    }
+    caplog.set_level(logging.DEBUG)
+    started = time.perf_counter()
+    with pytest.raises(brick.BrickError) as caught:
+        brick.attach(info, device_scan_attempts=1)
+    assert time.perf_counter() - started < 10
+    message = str(caught.value)
+    assert "attach failed for iscsi volume" in message and "target_portal=127.0.0.1:3260" in message
+    assert "iscsiadm" in message  # what to fix on this node
+    assert password not in message and discovery not in message
+    assert caught.value.protocol == "iscsi" and caught.value.operation == "attach"
+    # os-brick logs the connection properties and its tracebacks; the driver's formatter masks the secrets.
+    formatter = logs.ScrubbingFormatter(logs.FORMAT)
+    text = "\n".join(formatter.format(record) for record in caplog.records)
+    assert "iscsiadm" in text
+    assert password not in text and discovery not in text
+
+
+def run_child(code: str, timeout: float = 120) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_privsep_through_the_venv_helper_daemon(loop_device: tuple[str, Path], tmp_path: Path):
+    device, _ = loop_device
+    helper = Path(sys.prefix) / "bin" / "privsep-helper"
+    result = run_child(
+        f"""
+        import json, os_brick.privileged as p
+        from mbs_csi.node import brick
+        brick.setup_privileges({str(helper)!r}, lock_path={str(tmp_path / "locks")!r})
+        size = brick.extend({{"driver_volume_type": "local", "data": {{"device_path": {device!r}}}}})
+        daemon = p.default.channel is not None and p.default.client_mode
+        brick.setup_privileges(lock_path={str(tmp_path / "locks")!r})  # back to in-process: the daemon stops
+        print(json.dumps({{"size": size, "daemon": daemon, "after": p.default.channel is None}}))
+        """
+    )
+    assert result == {"size": 64 * MIB, "daemon": True, "after": True}
+
+
+def test_import_is_lazy_and_startup_figures():
+    result = run_child(
+        """
+        import json, sys, time
+        def rss():
+            return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+        base = rss()
+        t = time.perf_counter()
+        from mbs_csi.node import brick
+        module = time.perf_counter() - t
+        lazy = "os_brick" not in sys.modules and "cinder" not in sys.modules and "cinderlib" not in sys.modules
+        t = time.perf_counter()
+        import warnings; warnings.filterwarnings("ignore")
+        import os_brick.initiator.connector
+        imported = time.perf_counter() - t
+        after = rss()
+        t = time.perf_counter()
+        brick.connector_properties("node-1")
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        brick.connector_properties("node-1")
+        second = time.perf_counter() - t
+        print(json.dumps({"lazy": lazy, "module_s": module, "import_s": imported, "rss_before_mib": base,
+                          "rss_after_import_mib": after, "props_first_s": first, "props_again_s": second,
+                          "no_cinder": "cinder" not in sys.modules and "cinderlib" not in sys.modules}))
+        """
+    )
+    print(f"\nnode brick start-up: {json.dumps(result)}")
+    assert result["lazy"] and result["no_cinder"]
+    assert result["import_s"] < 5

@@ -1,0 +1,454 @@
+"""mbs_csi.node.mounts against real loop devices, real mkfs and real mounts (root only, no fakes)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mbs_csi.node import mounts
+from mbs_csi.node.mounts import MountError
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
+)
+
+GiB = 1024**3
+FILESYSTEMS = ["ext4", "xfs", "btrfs"]
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int) -> bool:
+    with open("/proc/self/status") as f:
+        effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
+    return bool(int(effective, 16) >> cap & 1)
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def mounts_under(root: Path) -> list[mounts.MountEntry]:
+    prefix = str(root) + "/"
+    return [e for e in mounts.read_mountinfo() if e.mount_point.startswith(prefix)]
+
+
+def attached(backing: Path) -> str:
+    return run("losetup", "-j", str(backing)).strip()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory under /tmp; afterwards nothing under it is mounted and no loop device uses its files."""
+    root = Path(tempfile.mkdtemp(prefix="mbs-mounts-", dir="/tmp"))
+    yield root
+    for entry in reversed(mounts_under(root)):
+        subprocess.run(["umount", entry.mount_point], check=False, timeout=60)
+    for backing in root.glob("*.img"):
+        for line in attached(backing).splitlines():
+            subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False, timeout=60)
+    leftovers = [e.mount_point for e in mounts_under(root)]
+    loops = [attached(b) for b in root.glob("*.img") if attached(b)]
+    shutil.rmtree(root, ignore_errors=True)
+    assert not leftovers, f"left mounted: {leftovers}"
+    assert not loops, f"left attached: {loops}"
+
+
+@pytest.fixture
+def make_loop(workdir: Path) -> Callable[..., tuple[str, Path]]:
+    """Make a sparse file of ``size`` bytes and attach it: returns (device, backing file)."""
+    count = 0
+
+    def make(size: int = GiB) -> tuple[str, Path]:
+        nonlocal count
+        count += 1
+        backing = workdir / f"disk{count}.img"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        return run("losetup", "--find", "--show", str(backing)).strip(), backing
+
+    return make
+
+
+@pytest.fixture
+def loop(make_loop: Callable[..., tuple[str, Path]]) -> str:
+    return make_loop()[0]
+
+
+def new_dir(parent: Path, name: str) -> str:
+    path = parent / name
+    path.mkdir()
+    return str(path)
+
+
+# --- probing -----------------------------------------------------------------------------------------
+
+
+def test_blank_device_has_no_filesystem_and_no_signature(loop: str) -> None:
+    assert mounts.filesystem_of(loop) is None
+    assert mounts.has_signature(loop) is False
+    assert mounts.probe(loop) == {}
+
+
+def test_missing_device_is_an_error_not_blank() -> None:
+    with pytest.raises(MountError, match="/dev/mbs-no-such-device"):
+        mounts.filesystem_of("/dev/mbs-no-such-device")
+    with pytest.raises(MountError):
+        mounts.has_signature("/dev/mbs-no-such-device")
+    with pytest.raises(MountError):
+        mounts.format_device("/dev/mbs-no-such-device", "ext4")
+
+
+def test_partition_table_is_a_signature_but_not_a_filesystem(loop: str) -> None:
+    mbr = bytearray(512)
+    entry = 446  # first partition entry: type 0x83 (Linux), sectors 2048..6143
+    mbr[entry + 4] = 0x83
+    mbr[entry + 8 : entry + 12] = (2048).to_bytes(4, "little")
+    mbr[entry + 12 : entry + 16] = (4096).to_bytes(4, "little")
+    mbr[510:512] = b"\x55\xaa"
+    with open(loop, "r+b") as f:
+        f.write(mbr)
+    assert mounts.filesystem_of(loop) is None
+    assert mounts.has_signature(loop) is True
+    with pytest.raises(MountError, match="partition table dos"):
+        mounts.format_device(loop, "ext4")
+    assert mounts.probe(loop).get("PTTYPE") == "dos"  # untouched
+
+
+def test_swap_signature_is_reported_and_never_formatted(loop: str) -> None:
+    run("mkswap", loop)
+    assert mounts.filesystem_of(loop) == "swap"
+    assert mounts.has_signature(loop) is True
+    with pytest.raises(MountError, match=r"refusing to format .* swap"):
+        mounts.format_device(loop, "xfs")
+
+
+def test_ambivalent_signatures_are_an_error_and_never_formatted(make_loop: Callable[..., tuple[str, Path]]) -> None:
+    ext4_dev, _ = make_loop()
+    xfs_dev, _ = make_loop(512 * 1024**2)
+    mounts.format_device(ext4_dev, "ext4")
+    mounts.format_device(xfs_dev, "xfs")
+    with open(xfs_dev, "rb") as f:
+        xfs_superblock = f.read(512)
+    with open(ext4_dev, "r+b") as f:  # the ext4 superblock starts at 1024: both are now there
+        f.write(xfs_superblock)
+    with pytest.raises(MountError, match="several signatures"):
+        mounts.filesystem_of(ext4_dev)
+    assert mounts.has_signature(ext4_dev) is True
+    with pytest.raises(MountError, match="several signatures"):
+        mounts.format_device(ext4_dev, "btrfs")
+
+
+def test_block_device_size(make_loop: Callable[..., tuple[str, Path]]) -> None:
+    device, backing = make_loop(768 * 1024**2)
+    assert mounts.block_device_size(device) == 768 * 1024**2 == backing.stat().st_size
+    with pytest.raises(MountError, match="blockdev"):
+        mounts.block_device_size("/dev/mbs-no-such-device")
+
+
+# --- format ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fs_type", FILESYSTEMS)
+def test_format_then_never_reformat(loop: str, workdir: Path, fs_type: str) -> None:
+    mounts.format_device(loop, fs_type)
+    assert mounts.filesystem_of(loop) == fs_type
+    assert mounts.has_signature(loop) is True
+
+    target = new_dir(workdir, "mnt")
+    mounts.mount(loop, target, fs_type)
+    Path(target, "data").write_text("precious")
+    mounts.unmount(target)
+
+    for other in FILESYSTEMS:
+        with pytest.raises(MountError, match=f"refusing to format {loop} as {other}: it already carries {fs_type}"):
+            mounts.format_device(loop, other)
+    assert mounts.filesystem_of(loop) == fs_type
+    mounts.mount(loop, target, fs_type)
+    assert Path(target, "data").read_text() == "precious"
+    mounts.unmount(target)
+
+
+def test_format_rejects_unsupported_filesystem_before_touching_the_device(loop: str) -> None:
+    with pytest.raises(ValueError, match="unsupported filesystem 'vfat'"):
+        mounts.format_device(loop, "vfat")
+    assert mounts.has_signature(loop) is False
+
+
+# --- mount, unmount, mount table ---------------------------------------------------------------------
+
+
+def test_mount_unmount_with_awkward_paths(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "ext4")
+    for name in ["with space", "tab\there back\\slash"]:
+        target = new_dir(workdir, name)
+        assert not mounts.is_mounted(target)
+        assert mounts.mount_source(target) is None
+        mounts.mount(loop, target, "ext4", options=["noatime"])
+        assert mounts.is_mounted(target)
+        assert mounts.is_mounted(target + "/")  # the same mount point, spelled differently
+        assert mounts.mount_source(target) == loop
+        assert mounts.mounted_device(target) == loop
+        entry = mounts.find_mount(target)
+        assert entry is not None
+        assert (entry.mount_point, entry.root, entry.fs_type) == (target, "/", "ext4")
+        assert "noatime" in entry.mount_options and not entry.readonly
+        assert not mounts.is_mounted(target + "/lost+found")
+        mounts.unmount(target)
+        assert not mounts.is_mounted(target)
+
+
+def test_unmount_of_what_is_not_mounted_is_a_no_op(workdir: Path) -> None:
+    mounts.unmount(new_dir(workdir, "empty"))
+    mounts.unmount(str(workdir / "does-not-exist"))
+
+
+def test_mount_failure_reports_stderr(loop: str, workdir: Path) -> None:
+    target = new_dir(workdir, "mnt")
+    with pytest.raises(MountError) as info:
+        mounts.mount(loop, target, "xfs")  # blank device
+    message = str(info.value)
+    assert f"mounting {loop} on {target} failed" in message
+    assert "wrong fs type" in message and info.value.stderr in message
+    assert info.value.returncode == 32
+    assert not mounts.is_mounted(target)
+
+
+def test_readonly_mount(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "xfs")
+    target = new_dir(workdir, "ro")
+    mounts.mount(loop, target, "xfs", readonly=True)
+    entry = mounts.find_mount(target)
+    assert entry is not None and entry.readonly
+    with pytest.raises(OSError) as info:
+        Path(target, "x").write_text("x")
+    assert info.value.errno == errno.EROFS
+    mounts.unmount(target)
+
+
+def test_bind_mount_of_a_directory(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "ext4")
+    staging = new_dir(workdir, "staging")
+    mounts.mount(loop, staging, "ext4")
+    os.mkdir(os.path.join(staging, "sub dir"))
+    target = str(workdir / "pod" / "volume")
+    mounts.ensure_dir(target)
+
+    mounts.mount(os.path.join(staging, "sub dir"), target, bind=True)
+    entry = mounts.find_mount(target)
+    assert entry is not None
+    assert mounts.mount_source(target) == loop == entry.source
+    assert entry.root == "/sub dir"
+    assert mounts.mounted_device(target) == loop
+    Path(target, "written").write_text("through the bind")
+    assert Path(staging, "sub dir", "written").read_text() == "through the bind"
+
+    mounts.unmount(target)
+    assert not mounts.is_mounted(target) and mounts.is_mounted(staging)
+    mounts.unmount(staging)
+
+
+def test_readonly_bind_mount_refuses_writes(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "ext4")
+    staging = new_dir(workdir, "staging")
+    mounts.mount(loop, staging, "ext4")
+    target = new_dir(workdir, "target")
+
+    mounts.mount(staging, target, bind=True, readonly=True, options=["nosuid", "nodev"])
+    entry = mounts.find_mount(target)
+    assert entry is not None and entry.readonly
+    assert {"nosuid", "nodev"} <= set(entry.mount_options)
+    with pytest.raises(OSError) as info:
+        Path(target, "x").write_text("x")
+    assert info.value.errno == errno.EROFS
+    Path(staging, "x").write_text("the staging mount stays writable")
+    assert Path(target, "x").read_text() == "the staging mount stays writable"
+
+    mounts.unmount(target)
+    mounts.unmount(staging)
+
+
+def test_bind_mount_of_a_block_device_onto_a_file(loop: str, workdir: Path) -> None:
+    target = str(workdir / "pods" / "uid" / "block")
+    mounts.ensure_file(target)
+    mounts.ensure_file(target)  # idempotent
+    mounts.mount(loop, target, bind=True)
+
+    st = os.stat(target)
+    assert stat.S_ISBLK(st.st_mode) and st.st_rdev == os.stat(loop).st_rdev
+    assert mounts.is_mounted(target)
+    assert mounts.mounted_device(target) == loop
+    entry = mounts.find_mount(target)
+    assert entry is not None and entry.root == "/" + os.path.basename(loop)  # the node within /dev's fs
+    assert mounts.mount_source(target) == entry.source != loop
+    mounts.ensure_file(target)  # a device bound there is left alone
+    with open(target, "r+b") as f:
+        f.write(b"raw block data")
+    with open(loop, "rb") as f:
+        assert f.read(14) == b"raw block data"
+
+    mounts.unmount(target)
+    assert not mounts.is_mounted(target) and stat.S_ISREG(os.stat(target).st_mode)
+
+
+def test_readonly_bind_of_a_device_node_does_not_stop_writes(loop: str, workdir: Path) -> None:
+    """A fact the node service must know: the kernel checks read-only mounts for files and dirs only."""
+    target = str(workdir / "block")
+    mounts.ensure_file(target)
+    mounts.mount(loop, target, bind=True, readonly=True)
+    entry = mounts.find_mount(target)
+    assert entry is not None and entry.readonly
+    with open(target, "r+b") as f:
+        f.write(b"still writable")
+    mounts.unmount(target)
+
+
+# --- resize and statistics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fs_type", FILESYSTEMS)
+def test_online_resize_after_the_device_grew(
+    make_loop: Callable[..., tuple[str, Path]], workdir: Path, fs_type: str
+) -> None:
+    device, backing = make_loop(GiB)
+    mounts.format_device(device, fs_type)
+    target = new_dir(workdir, "mnt")
+    mounts.mount(device, target, fs_type)
+    before = mounts.filesystem_stats(target)
+    assert 0.8 * GiB < before["bytes_total"] <= GiB
+
+    with open(backing, "r+b") as f:
+        f.truncate(2 * GiB)
+    run("losetup", "-c", device)
+    assert mounts.block_device_size(device) == 2 * GiB
+    if fs_type == "ext4" and not has_capability(CAP_SYS_RESOURCE):
+        with pytest.raises(MountError, match=r"Permission denied .*needs the CAP_SYS_RESOURCE capability"):
+            mounts.resize_filesystem(device, target, fs_type)
+        mounts.unmount(target)
+        pytest.skip("online ext4 resize needs CAP_SYS_RESOURCE, which this process lacks")
+    mounts.resize_filesystem(device, target, fs_type)
+
+    after = mounts.filesystem_stats(target)
+    assert 1.8 * GiB < after["bytes_total"] <= 2 * GiB
+    assert after["bytes_available"] > before["bytes_available"] + 0.8 * GiB
+    mounts.resize_filesystem(device, target, fs_type)  # nothing left to grow: still fine
+    mounts.unmount(target)
+
+
+def test_resize_rejects_unsupported_filesystem(loop: str) -> None:
+    with pytest.raises(ValueError, match="vfat"):
+        mounts.resize_filesystem(loop, "/mnt", "vfat")
+
+
+@pytest.mark.parametrize("fs_type", FILESYSTEMS)
+def test_filesystem_stats_agree_with_df(loop: str, workdir: Path, fs_type: str) -> None:
+    mounts.format_device(loop, fs_type)
+    target = new_dir(workdir, "mnt")
+    mounts.mount(loop, target, fs_type)
+    with open(os.path.join(target, "blob"), "wb") as f:
+        f.write(os.urandom(8 * 1024**2))
+        os.fsync(f.fileno())
+    subprocess.run(["sync", "-f", target], check=True, timeout=60)
+
+    stats = mounts.filesystem_stats(target)
+    fields = run("df", "-B1", "--output=size,used,avail,itotal,iused,iavail", target).splitlines()[1].split()
+    size, used, avail, itotal, iused, iavail = (int(x) for x in fields)
+    assert (stats["bytes_total"], stats["bytes_used"], stats["bytes_available"]) == (size, used, avail)
+    assert (stats["inodes_total"], stats["inodes_used"], stats["inodes_free"]) == (itotal, iused, iavail)
+    assert stats["bytes_used"] >= 8 * 1024**2
+    if fs_type == "btrfs":
+        assert stats["inodes_total"] == 0
+    else:
+        assert stats["inodes_used"] >= 2 and stats["inodes_free"] > 0
+    mounts.unmount(target)
+
+
+def test_filesystem_stats_of_a_missing_path() -> None:
+    with pytest.raises(MountError, match="statistics of /nonexistent/mbs"):
+        mounts.filesystem_stats("/nonexistent/mbs")
+
+
+# --- paths and ownership -----------------------------------------------------------------------------
+
+
+def test_ensure_dir_and_ensure_file(workdir: Path) -> None:
+    directory = str(workdir / "a" / "b")
+    mounts.ensure_dir(directory)
+    mounts.ensure_dir(directory)
+    assert os.path.isdir(directory)
+    file = str(workdir / "c" / "d")
+    mounts.ensure_file(file)
+    assert os.path.isfile(file) and os.path.getsize(file) == 0
+    Path(file).write_text("kept")
+    mounts.ensure_file(file)
+    assert Path(file).read_text() == "kept"
+
+    with pytest.raises(MountError, match="non-directory is in the way"):
+        mounts.ensure_dir(file)
+    with pytest.raises(MountError, match="other than a file"):
+        mounts.ensure_file(directory)
+
+
+def test_apply_group_on_a_mounted_volume(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "xfs")
+    target = new_dir(workdir, "mnt")
+    mounts.mount(loop, target, "xfs")
+    os.chmod(target, 0o700)
+
+    mounts.apply_group(target, 4321)
+    st = os.stat(target)
+    assert st.st_gid == 4321 and st.st_uid == 0
+    assert st.st_mode & stat.S_ISGID
+    assert stat.S_IMODE(st.st_mode) & 0o070 == 0o070
+    mounts.apply_group(target, 4321)  # idempotent
+    os.mkdir(os.path.join(target, "new"))
+    assert os.stat(os.path.join(target, "new")).st_gid == 4321  # inherited through setgid
+
+    with pytest.raises(ValueError):
+        mounts.apply_group(target, -1)
+    mounts.unmount(target)
+    with pytest.raises(MountError, match="cannot give group 4321"):
+        mounts.apply_group(str(workdir / "missing"), 4321)
+
+
+# --- the command runner and the mount table parser ---------------------------------------------------
+
+
+def test_commands_time_out_with_a_clear_error() -> None:
+    with pytest.raises(MountError, match=r"sleeping failed: sleep 30 timed out after 0.2 s"):
+        mounts._run(["sleep", "30"], "sleeping", timeout=0.2)
+
+
+def test_missing_command_is_a_mount_error() -> None:
+    with pytest.raises(MountError, match="cannot run mbs-no-such-command"):
+        mounts._run(["mbs-no-such-command"], "running", timeout=5)
+
+
+def test_parse_mountinfo_line_with_optional_fields_and_escapes() -> None:
+    line = r"36 35 98:0 /mnt\040a /mnt/b\011c\134d rw,noatime master:1 shared:7 - ext3 /dev/root rw,errors=continue"
+    entry = mounts.parse_mountinfo_line(line)
+    assert entry.mount_id == 36 and entry.parent_id == 35 and (entry.major, entry.minor) == (98, 0)
+    assert entry.root == "/mnt a"
+    assert entry.mount_point == "/mnt/b\tc\\d"
+    assert entry.mount_options == ("rw", "noatime") and not entry.readonly
+    assert (entry.fs_type, entry.source, entry.super_options) == ("ext3", "/dev/root", ("rw", "errors=continue"))
+
+
+def test_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import mbs_csi.node.mounts; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(sorted(new - set(sys.stdlib_module_names) - {'mbs_csi'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"
