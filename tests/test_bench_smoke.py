@@ -38,3 +38,20 @@ def test_controller_benchmark_runs_and_reports_ratios(tmp_path):
             assert row[impl]["cycles_per_s"] > 0 and row[impl]["create_median_ms"] > 0
     assert loopback["derived"]["volume/1"]["create_ratio"] > 0
     assert {"mbs_csi", "raw_cinderlib"} <= set(loopback["derived"]["snapshot/scaling"])
+
+
+def test_node_benchmark_runs_and_reports_its_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.node", "--runs", "1", "--cycles", "2", "--json", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    report = json.loads(out.read_text())
+    for role in ("node", "controller"):
+        assert report["startup"][role]["ready_s"] > 0 and report["startup"][role]["rss_mib"] > 0
+    assert report["startup"]["controller"]["workers_rss_mib"] > 0
+    cycle = report["stage_publish_cycle"]
+    assert cycle["mbs_csi"]["median_ms"] > 0 and cycle["raw_commands"]["median_ms"] > 0 and cycle["ratio"] > 0

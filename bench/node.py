@@ -1,0 +1,199 @@
+"""Node benchmark: how fast and small each role starts, and what NodeStage/NodePublish/NodeUnpublish/
+NodeUnstage cost on a loop device against the same steps done with raw commands, in the same run.
+
+    .venv/bin/python -m bench.node [--runs 5] [--cycles 20] [--json out.json]
+
+Targets (issue 4): node role ready in under 1.5 s with RSS under 110 MiB; stage+publish+unpublish+unstage
+within 1.2x of the raw commands (blkid, mount, bind mount, umount, umount).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc
+from tests.controller_support import ControllerUnderTest
+from tests.csi_requests import create_request, mount_cap
+from tests.support import REPO, driver_env, short_tmpdir
+
+NODE = "bench-node"
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def probe_ready(socket: Path) -> bool:
+    if not socket.exists():
+        return False
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        try:
+            return csi_pb2_grpc.IdentityStub(channel).Probe(pb.ProbeRequest(), timeout=1).ready.value
+        except grpc.RpcError:
+            return False
+
+
+def start_once(role: str) -> dict:
+    """Seconds from process start to the first Probe answering ready, and RSS then."""
+    workdir = short_tmpdir("mbs-bench-")
+    socket = workdir / "csi.sock"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mbs_csi",
+            "serve",
+            "--role",
+            role,
+            "--endpoint",
+            f"unix://{socket}",
+            "--state-dir",
+            str(workdir / "state"),
+            "--backend-workers",
+            "2",
+        ],
+        env=driver_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # A fresh channel per attempt: a channel that failed once waits out gRPC's reconnect backoff,
+        # which would be measured instead of the server.
+        while not probe_ready(socket):
+            time.sleep(0.01)
+            if time.monotonic() - started > 120:
+                raise RuntimeError(f"role {role} not ready after 120 s")
+        ready = time.monotonic() - started
+        time.sleep(0.2)
+        front = rss_kib(proc.pid)
+        workers = sum(rss_kib(p) for p in children(proc.pid))
+        return {"ready_s": ready, "rss_mib": front / 1024, "workers_rss_mib": workers / 1024}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def startup(runs: int) -> dict:
+    results = {}
+    for role in ("node", "controller"):
+        samples = [start_once(role) for _ in range(runs)]
+        results[role] = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+    return results
+
+
+def run(*argv: str) -> None:
+    subprocess.run(list(argv), check=True, capture_output=True)
+
+
+def node_cycles(cycles: int) -> dict:
+    ctl = ControllerUnderTest(None, extra={"role": "all", "node_id": NODE})
+    node = csi_pb2_grpc.NodeStub(ctl.driver.channel)
+    try:
+        deadline = time.monotonic() + 60
+        while f"published connector properties of node {NODE}" not in ctl.driver.log():
+            if time.monotonic() > deadline:
+                raise RuntimeError("node connector never published")
+            time.sleep(0.1)
+        cap = mount_cap("ext4")
+        volume_id = ctl.stub.CreateVolume(create_request(f"bench-{uuid.uuid4().hex[:8]}", caps=[cap])).volume.volume_id
+        context = dict(
+            ctl.stub.ControllerPublishVolume(
+                pb.ControllerPublishVolumeRequest(volume_id=volume_id, node_id=NODE, volume_capability=cap)
+            ).publish_context
+        )
+        staging, target = ctl.workdir / "staging", ctl.workdir / "target"
+        stage = pb.NodeStageVolumeRequest(
+            volume_id=volume_id, publish_context=context, staging_target_path=str(staging), volume_capability=cap
+        )
+        publish = pb.NodePublishVolumeRequest(
+            volume_id=volume_id,
+            publish_context=context,
+            staging_target_path=str(staging),
+            target_path=str(target),
+            volume_capability=cap,
+        )
+        unpublish = pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+        unstage = pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(staging))
+
+        def csi_cycle() -> None:
+            node.NodeStageVolume(stage)
+            node.NodePublishVolume(publish)
+            node.NodeUnpublishVolume(unpublish)
+            node.NodeUnstageVolume(unstage)
+
+        device = context["device_path"]
+
+        def raw_cycle() -> None:
+            run("blkid", "-p", "-o", "export", device)
+            staging.mkdir(exist_ok=True)
+            run("mount", "-t", "ext4", device, str(staging))
+            target.mkdir(exist_ok=True)
+            run("mount", "--bind", str(staging), str(target))
+            run("umount", str(target))
+            target.rmdir()
+            run("umount", str(staging))
+
+        csi_cycle()  # the first stage formats; the cycles measure what a pod restart costs
+        timings: dict[str, list[float]] = {"mbs_csi": [], "raw_commands": []}
+        for _ in range(cycles):
+            for name, cycle in (("mbs_csi", csi_cycle), ("raw_commands", raw_cycle)):
+                begin = time.monotonic()
+                cycle()
+                timings[name].append(time.monotonic() - begin)
+        ctl.stub.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=NODE))
+        ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
+    finally:
+        ctl.close()
+    result = {name: {"median_ms": 1000 * statistics.median(v), "max_ms": 1000 * max(v)} for name, v in timings.items()}
+    result["ratio"] = result["mbs_csi"]["median_ms"] / result["raw_commands"]["median_ms"]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="process starts per role")
+    parser.add_argument("--cycles", type=int, default=20, help="stage/publish/unpublish/unstage cycles")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    report = {"startup": startup(args.runs), "stage_publish_cycle": node_cycles(args.cycles)}
+    for role, r in report["startup"].items():
+        print(
+            f"{role:<11} ready in {r['ready_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB"
+            + (f" (+ backend workers {r['workers_rss_mib']:.0f} MiB)" if r["workers_rss_mib"] else "")
+        )
+    c = report["stage_publish_cycle"]
+    print(
+        f"stage+publish+unpublish+unstage: mbs-csi {c['mbs_csi']['median_ms']:.1f} ms, raw commands "
+        f"{c['raw_commands']['median_ms']:.1f} ms, ratio {c['ratio']:.2f}"
+    )
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
