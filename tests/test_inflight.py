@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mbs_csi import errors
-from mbs_csi.controller.inflight import InFlight
+from mbs_csi.inflight import InFlight
 
 
 def test_exclusive_keys_conflict_and_are_released():

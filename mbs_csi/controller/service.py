@@ -14,12 +14,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi import csi_pb2, csi_pb2_grpc
 from mbs_csi import errors, logs
+from mbs_csi.capabilities import access, require
 from mbs_csi.config import Backend, Settings
 from mbs_csi.controller import validate
-from mbs_csi.controller.inflight import InFlight
 from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.records import GIB, SnapshotRecord, VolumeRecord
-from mbs_csi.controller.validate import require
+from mbs_csi.inflight import InFlight
 from mbs_csi.publish_context import to_publish_context
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -124,7 +124,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         backend = validate.backend_for(self.settings, request.parameters)
         caps = list(request.volume_capabilities)
         require(caps, "volume_capabilities")
-        wants = validate.access(caps, multiattach=self.stats(backend)["multiattach"])
+        wants = access(caps, multiattach=self.stats(backend)["multiattach"])
         validate.accessible_topology(  # the answer carries the backend's topology; this checks the request's
             backend, request.accessibility_requirements if request.HasField("accessibility_requirements") else None
         )
@@ -211,7 +211,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             record = self._volume(request.volume_id)
             backend = self.settings.backend(record.backend)
             multiattach = bool(backend) and self.stats(backend)["multiattach"]
-            wants = validate.access([request.volume_capability], multiattach=multiattach)
+            wants = access([request.volume_capability], multiattach=multiattach)
             mode = "ro" if request.readonly else "rw"
             if request.node_id in record.published:
                 if record.published[request.node_id] != mode:
@@ -244,7 +244,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         backend = self.settings.backend(record.backend)
         try:
             validate.backend_for(self.settings, request.parameters)
-            wants = validate.access(
+            wants = access(
                 request.volume_capabilities, multiattach=bool(backend) and self.stats(backend)["multiattach"]
             )
         except errors.InvalidArgument as exc:
@@ -284,7 +284,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return empty
         if request.volume_capabilities:
             try:
-                validate.access(request.volume_capabilities, multiattach=stats["multiattach"])
+                access(request.volume_capabilities, multiattach=stats["multiattach"])
             except errors.InvalidArgument:
                 return empty
         free = int((stats["free_capacity_gb"] or 0) * GIB)

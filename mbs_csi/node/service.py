@@ -11,11 +11,10 @@ from typing import Any
 import grpc
 
 from csi import csi_pb2, csi_pb2_grpc
-from mbs_csi import errors
+from mbs_csi import capabilities, errors
+from mbs_csi.capabilities import require
 from mbs_csi.config import Settings
-from mbs_csi.controller import validate
-from mbs_csi.controller.inflight import InFlight
-from mbs_csi.controller.validate import require
+from mbs_csi.inflight import InFlight
 from mbs_csi.node import brick, mounts
 from mbs_csi.node.store import Attachment, AttachmentStore
 from mbs_csi.publish_context import from_publish_context
@@ -30,9 +29,9 @@ def _mount_options(fs_type: str, flags: list[str]) -> list[str]:
     return [*flags, "nouuid"] if fs_type == "xfs" and "nouuid" not in flags else flags
 
 
-def _access(capability: csi_pb2.VolumeCapability) -> validate.Access:
+def _access(capability: csi_pb2.VolumeCapability) -> capabilities.Access:
     # The controller already refused what the backend cannot do; here only the shape matters.
-    return validate.access([capability], multiattach=True)
+    return capabilities.access([capability], multiattach=True)
 
 
 def attachment_problem(staged: Attachment) -> str | None:
