@@ -567,3 +567,12 @@ def test_hung_workers_time_out_with_deadline_exceeded_and_are_replaced():
         assert set(hung) - set(ctl.worker_pids()), "no hung worker was replaced"
     finally:
         ctl.close()
+
+
+def test_a_fresh_start_of_several_workers_migrates_once_without_errors():
+    ctl = ControllerUnderTest(None, extra={"backend_workers": 4})  # a fresh SQLite file: the schema is created
+    try:
+        wait_for(lambda: len(ctl.ready_worker_pids()) == 4)
+        assert " ERROR " not in ctl.driver.log()
+    finally:
+        ctl.close()

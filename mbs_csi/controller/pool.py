@@ -84,12 +84,15 @@ class WorkerPool:
         self._start_error: str | None = None  # why the last worker failed to start
         self._backend_errors: dict[str, str | None] = {}
         self._closed = False
+        self._waiting_for_first = 0  # workers to start once the first one is ready
 
     # --- life cycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for _ in range(self.size):
-            self._spawn_later(0)
+        # One worker first: it creates or migrates the database schema. Started together, the workers
+        # would all migrate at once (SQLite answers "database is locked"); the rest follow once it is up.
+        self._waiting_for_first = self.size - 1
+        self._spawn_later(0)
 
     def _spawn_later(self, delay: float) -> None:
         threading.Thread(target=self._spawn, args=(delay,), name="worker-start", daemon=True).start()
@@ -119,6 +122,9 @@ class WorkerPool:
             self._ready.add(worker)
             self._start_error = None
             self._backend_errors = payload
+            followers, self._waiting_for_first = self._waiting_for_first, 0
+        for _ in range(followers):
+            self._spawn_later(0)
         log.info("backend worker %d ready", worker.proc.pid)
         self._idle.put(worker)
         if self._closed:
