@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,7 @@ def main() -> int:
         for name in args.backends.split(","):
             if name == "loopback":
                 directory = Path(f"/tmp/mbs-bench-{uuid.uuid4().hex[:8]}")
+                cleanups.append(lambda d=directory: shutil.rmtree(d, ignore_errors=True))
                 backend = {
                     "name": "loop",
                     "volume_driver": config.LOOPBACK_DRIVER,

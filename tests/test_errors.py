@@ -7,6 +7,7 @@ each RPC raises one kind of error so the mapping can be checked end to end over 
 from __future__ import annotations
 
 import logging
+import shutil
 from concurrent import futures
 
 import grpc
@@ -42,6 +43,7 @@ def controller():
     yield csi_pb2_grpc.ControllerStub(channel)
     channel.close()
     server.stop(0)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def call(stub, name: str) -> grpc.RpcError:
