@@ -34,15 +34,21 @@ def _access(capability: csi_pb2.VolumeCapability) -> capabilities.Access:
     return capabilities.access([capability], multiattach=True)
 
 
-def attachment_problem(staged: Attachment) -> str | None:
-    """Why a staged volume is not as recorded (device gone, mount vanished), or None when it is."""
+def inspect(staged: Attachment) -> tuple[str | None, int]:
+    """(Why a staged volume is not as recorded, or None when it is; its device's size in bytes, 0 if gone.)"""
     device = staged.device_path
     # A device node can outlive its device (a detached loop device keeps /dev/loopN): no capacity is gone too.
-    if not os.path.exists(device) or _size_or_zero(device) == 0:
-        return f"device {device} is gone"
+    size = _size_or_zero(device) if os.path.exists(device) else 0
+    if size == 0:
+        return f"device {device} is gone", 0
     if staged.access_type == "mount" and mounts.mounted_device(staged.staging_path) != os.path.realpath(device):
-        return f"{staged.staging_path} no longer has {device} mounted"
-    return None
+        return f"{staged.staging_path} no longer has {device} mounted", size
+    return None, size
+
+
+def attachment_problem(staged: Attachment) -> str | None:
+    """Why a staged volume is not as recorded (device gone, mount vanished), or None when it is."""
+    return inspect(staged)[0]
 
 
 def _size_or_zero(device: str) -> int:
@@ -235,7 +241,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staged = self.store.get(request.volume_id)
         if staged is None:
             raise errors.NotFound(f"volume {request.volume_id} is not staged on this node")
-        problem = attachment_problem(staged)
+        problem, device_size = inspect(staged)
         condition = csi_pb2.VolumeCondition(
             abnormal=problem is not None, message=problem or "volume is attached and mounted as recorded"
         )
@@ -244,7 +250,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._staged_at(request.volume_id, request.volume_path)
         Usage = csi_pb2.VolumeUsage
         if staged.access_type == "block":
-            usage = [Usage(unit=Usage.BYTES, total=mounts.block_device_size(staged.device_path))]
+            usage = [Usage(unit=Usage.BYTES, total=device_size)]
         else:
             stats = mounts.filesystem_stats(request.volume_path)
             usage = [
