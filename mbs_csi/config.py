@@ -16,7 +16,7 @@ import json
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -27,6 +27,7 @@ from mbs_csi import secrets
 from mbs_csi.errors import ConfigError
 
 ROLES = ("controller", "node", "all")
+CONNECTOR_STORES = ("database", "kubernetes")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_ENDPOINT = "unix:///run/mbs-csi/csi.sock"
 DEFAULT_STATE_DIR = "/var/lib/mbs-csi"
@@ -115,6 +116,10 @@ class Settings:
     topology: Mapping[str, str] = field(default_factory=dict)
     max_volumes_per_node: int = 0  # 0: no limit announced
     default_backend: str | None = None
+    connector_store: str = "database"
+    kubeconfig: Path | None = None  # kubernetes connector store: None means the in-cluster config
+    sensitive_options_dir: Path | None = None
+    metrics_endpoint: str | None = None  # host:port serving Prometheus metrics; None: off
     backends: tuple[Backend, ...] = ()
 
     @property
@@ -155,6 +160,10 @@ class Settings:
             "topology": dict(self.topology),
             "max_volumes_per_node": self.max_volumes_per_node,
             "default_backend": self.default_backend,
+            "connector_store": self.connector_store,
+            "kubeconfig": str(self.kubeconfig) if self.kubeconfig else None,
+            "sensitive_options_dir": str(self.sensitive_options_dir) if self.sensitive_options_dir else None,
+            "metrics_endpoint": self.metrics_endpoint,
             "backends": [b.describe() for b in self.backends],
         }
 
@@ -247,6 +256,13 @@ def _endpoint(value: Any) -> Endpoint:
     return parse_endpoint(_str(value))
 
 
+def _host_port(value: Any) -> str:
+    _host, sep, port = _str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    return value
+
+
 def _driver_name(value: Any) -> str:
     if not _DRIVER_NAME_RE.match(_str(value)):
         raise ValueError
@@ -295,6 +311,15 @@ OPTIONS: tuple[Option, ...] = (
         lambda t: _not_negative(int(t)),
         lambda v: _not_negative(_int(v)),
     ),
+    Option(
+        "connector_store",
+        "one of " + ", ".join(CONNECTOR_STORES),
+        _choice(CONNECTOR_STORES),
+        _choice(CONNECTOR_STORES),
+    ),
+    Option("kubeconfig", "an absolute file path", lambda t: _abs_path(t), lambda v: _abs_path(_str(v))),
+    Option("sensitive_options_dir", "an absolute directory path", lambda t: _abs_path(t), lambda v: _abs_path(_str(v))),
+    Option("metrics_endpoint", "host:port, e.g. 0.0.0.0:9810 (any address: :9810)", _host_port, _host_port),
 )
 _OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 FILE_KEYS = (*_OPTION_BY_KEY, "backends")
@@ -498,6 +523,8 @@ def load_settings(
 
     source = config_path or "defaults"
     backends = _parse_backends(raw_backends, source) if raw_backends is not None else (loopback_backend(state_dir),)
+    if "sensitive_options_dir" in values:
+        backends = _add_sensitive_files(backends, values["sensitive_options_dir"])
     default = values.get("default_backend")
     if default is None and len(backends) >= 1:
         values["default_backend"] = backends[0].name
@@ -521,3 +548,46 @@ def _parse_backends(raw: Any, source: str) -> tuple[Backend, ...]:
             raise ConfigError(source, f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
         seen.add(backend.name)
     return backends
+
+
+def _add_sensitive_files(backends: tuple[Backend, ...], directory: Path) -> tuple[Backend, ...]:
+    """Add ``<backend>.<option>`` files of ``directory`` to the backends' sensitive options.
+
+    This is how a Kubernetes Secret mounted as a volume reaches the driver; the files Kubernetes adds
+    there itself (``..data`` and the like) start with a dot and are skipped.
+    """
+    source = f"sensitive_options_dir {directory}"
+    try:
+        names = sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and p.is_file())
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot list the directory: {exc.strerror or exc}") from None
+    by_name = {b.name: b for b in backends}
+    added: dict[str, dict[str, secrets.Secret]] = {}
+    for file_name in names:
+        backend_name, _, option = file_name.rpartition(".")
+        backend = by_name.get(backend_name)
+        if backend is None or not option:
+            raise ConfigError(
+                source,
+                file_name,
+                f"expected a file named <backend>.<option> for a configured backend "
+                f"({', '.join(by_name) or 'none'}), e.g. {next(iter(by_name), 'array')}.san_password",
+            )
+        if option in backend.driver_options:
+            raise ConfigError(
+                source, file_name, f"option {option} is also set in driver_options; set a sensitive option in one place"
+            )
+        try:
+            value = (directory / file_name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, file_name, f"cannot read the file: {exc.__class__.__name__}") from None
+        value = value.removesuffix("\n")
+        if not value:
+            raise ConfigError(source, file_name, "the file is empty; expected the option's secret value")
+        added.setdefault(backend_name, {})[option] = secrets.Secret(value)
+    return tuple(
+        replace(b, driver_sensitive_options=MappingProxyType({**b.driver_sensitive_options, **added[b.name]}))
+        if b.name in added
+        else b
+        for b in backends
+    )

@@ -233,3 +233,63 @@ def test_serve_exits_2_on_bad_flag_and_bad_env(tmp_path):
     result = run_cli("serve", env=driver_env(CSI_ENDPOINT="nowhere"))
     assert result.returncode == 2
     assert "environment CSI_ENDPOINT: key 'endpoint': expected unix:///" in result.stderr
+
+
+# --- sensitive options from a directory (a Kubernetes Secret mounted as a volume) -------------------
+
+
+def _secret_volume(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A directory laid out like a mounted Secret: the keys, plus Kubernetes' own dot-entries."""
+    directory = tmp_path / "secrets"
+    (directory / "..2026_11_25_10_00_00.1").mkdir(parents=True)
+    (directory / "..data").symlink_to("..2026_11_25_10_00_00.1")
+    for name, value in files.items():
+        (directory / name).write_text(value)
+    return directory
+
+
+def test_sensitive_options_dir_adds_each_file_to_its_backend(tmp_path):
+    directory = _secret_volume(tmp_path, {"ceph.rbd_keyring_conf": "key-from-secret\n"})
+    data = {"backends": [RBD, {"name": "other", "volume_driver": "a.b.C"}]}
+    settings = config.load_settings(write(tmp_path, data), env={"MBS_CSI_SENSITIVE_OPTIONS_DIR": str(directory)})
+    ceph, other = settings.backends
+    assert ceph.all_options()["rbd_keyring_conf"] == "key-from-secret"
+    assert ceph.all_options()["rbd_secret_uuid"] == "s3cr3t-uuid-value"
+    assert other.driver_sensitive_options == {}
+    assert "key-from-secret" not in repr(settings) + str(settings.describe())
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"nosuch.san_password": "x"}, "'nosuch.san_password': expected a file named <backend>.<option>"),
+        ({"ceph.rbd_pool": "x"}, "'ceph.rbd_pool': option rbd_pool is also set in driver_options"),
+        ({"ceph.rbd_user": ""}, "'ceph.rbd_user': the file is empty"),
+    ],
+)
+def test_bad_sensitive_options_dir_is_refused(tmp_path, files, message):
+    directory = _secret_volume(tmp_path, files)
+    with pytest.raises(ConfigError, match="sensitive_options_dir") as caught:
+        config.load_settings(
+            write(tmp_path, {"backends": [RBD]}), env={"MBS_CSI_SENSITIVE_OPTIONS_DIR": str(directory)}
+        )
+    assert message in str(caught.value)
+
+
+def test_missing_sensitive_options_dir_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="cannot list the directory"):
+        config.load_settings(env={"MBS_CSI_SENSITIVE_OPTIONS_DIR": str(tmp_path / "absent")})
+
+
+def test_connector_store_and_metrics_endpoint(tmp_path):
+    settings = config.load_settings(
+        write(tmp_path, {"connector_store": "kubernetes", "kubeconfig": "/root/.kube/config"}),
+        env={"MBS_CSI_METRICS_ENDPOINT": ":9810"},
+    )
+    assert (settings.connector_store, settings.metrics_endpoint) == ("kubernetes", ":9810")
+    assert settings.kubeconfig == Path("/root/.kube/config")
+    assert config.load_settings(env={}).connector_store == "database"
+    with pytest.raises(ConfigError, match="expected one of database, kubernetes"):
+        config.load_settings(env={"MBS_CSI_CONNECTOR_STORE": "etcd"})
+    with pytest.raises(ConfigError, match="expected host:port"):
+        config.load_settings(env={"MBS_CSI_METRICS_ENDPOINT": "9810"})
