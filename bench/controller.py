@@ -75,45 +75,87 @@ def csi_cycles(stub, kind: str, count: int, concurrency: int) -> dict:
     return {"timings": timings, "wall": wall, "cycles": count}
 
 
-def raw_cycles(
-    backend: dict, workdir: Path, concurrency: list[int], counts: dict[int, int], database: str | None
-) -> dict:
-    job = {
-        "database": database or f"sqlite:///{workdir}/raw.sqlite",
-        "locks": str(workdir),
-        "state": str(workdir),
-        "name": backend["name"],
-        "volume_driver": backend["volume_driver"],
-        "options": backend["driver_options"],
-        "concurrency": concurrency,
-        "cycles": {str(c): n for c, n in counts.items()},
+class RawCinderlib:
+    """The baseline process (``bench.raw_cinderlib``), kept running so that its runs interleave with
+    mbs-csi's: both sides then see the same machine and the same state of the backend."""
+
+    def __init__(self, backend: dict, workdir: Path, warmup_concurrency: int, database: str | None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.raw_cinderlib"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        self._ask(
+            {
+                "database": database or f"sqlite:///{workdir}/raw.sqlite",
+                "locks": str(workdir),
+                "state": str(workdir),
+                "name": backend["name"],
+                "volume_driver": backend["volume_driver"],
+                "options": backend["driver_options"],
+                "concurrency": warmup_concurrency,
+            }
+        )
+
+    def _ask(self, message: dict) -> dict:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith("{"):  # anything else is a driver printing on stdout
+                return json.loads(line)
+        raise RuntimeError(f"bench.raw_cinderlib exited with {self.process.wait()}")
+
+    def cycles(self, kind: str, count: int, concurrency: int) -> dict:
+        return self._ask({"kind": kind, "count": count, "concurrency": concurrency})
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+
+
+def merged(runs: list[dict]) -> dict:
+    """Several rounds of one measurement as one: latencies pooled, throughput over the summed wall time."""
+    return {
+        "timings": {op: [t for run in runs for t in run["timings"][op]] for op in ("create", "delete")},
+        "wall": sum(run["wall"] for run in runs),
+        "cycles": sum(run["cycles"] for run in runs),
     }
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.raw_cinderlib"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_backend(backend: dict, concurrency: list[int], counts: dict[int, int], postgres=None) -> dict:
-    """Both sides on SQLite files, or on two fresh databases of ``postgres`` (a PostgresCluster)."""
+def bench_backend(
+    backend: dict, concurrency: list[int], counts: dict[int, int], workers: int, rounds: int, postgres=None
+) -> dict:
+    """Both sides on SQLite files, or on two fresh databases of ``postgres`` (a PostgresCluster).
+
+    Each measurement alternates the two sides ``rounds`` times, mbs-csi first, so that drift in the
+    machine or the backend (a Ceph OSD on the same two cores) falls on both alike."""
     new_db = (lambda: postgres.new_database(f"bench_{uuid.uuid4().hex[:8]}")) if postgres else (lambda: None)
-    ctl = ControllerUnderTest(new_db(), extra={"backend_workers": max(concurrency)}, backends=[backend])
+    ctl = ControllerUnderTest(new_db(), extra={"backend_workers": workers}, backends=[backend])
+    raw = None
     try:
         deadline = time.monotonic() + 180
-        while len(ctl.ready_worker_pids()) < max(concurrency) and time.monotonic() < deadline:
+        while len(ctl.ready_worker_pids()) < workers and time.monotonic() < deadline:
             time.sleep(0.5)
         for kind in ("volume", "snapshot"):  # warm-up: every worker serves a few calls first
             csi_cycles(ctl.stub, kind, 3 * max(concurrency), max(concurrency))
-        csi = {f"{k}/{c}": csi_cycles(ctl.stub, k, counts[c], c) for k in ("volume", "snapshot") for c in concurrency}
-        raw = raw_cycles(backend, ctl.workdir, concurrency, counts, new_db())
+        raw = RawCinderlib(backend, ctl.workdir, max(concurrency), new_db())
+        results = {}
+        for kind in ("volume", "snapshot"):
+            for c in concurrency:
+                runs: dict[str, list[dict]] = {"mbs_csi": [], "raw_cinderlib": []}
+                for _ in range(rounds):
+                    runs["mbs_csi"].append(csi_cycles(ctl.stub, kind, counts[c], c))
+                    runs["raw_cinderlib"].append(raw.cycles(kind, counts[c], c))
+                results[f"{kind}/{c}"] = {impl: summarize(merged(r)) for impl, r in runs.items()}
     finally:
+        if raw is not None:
+            raw.close()
         ctl.close()
-    return {key: {"mbs_csi": summarize(csi[key]), "raw_cinderlib": summarize(raw[key])} for key in csi}
+    return results
 
 
 def ratios(results: dict, concurrency: list[int]) -> dict:
@@ -166,12 +208,27 @@ def main() -> int:
         default="sqlite",
         help="what both sides persist to (postgresql: a throwaway local cluster)",
     )
+    parser.add_argument(
+        "--backend-workers",
+        type=int,
+        default=config.Settings().backend_workers,
+        help="mbs-csi's backend_workers (default: the driver's default, %(default)s)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the two sides per measurement")
     parser.add_argument("--quick", action="store_true", help="few cycles: checks the benchmark runs, measures little")
     parser.add_argument("--json", metavar="PATH", help="also write the JSON here")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    counts = {c: (2 * c if args.quick else max(20, 4 * c)) for c in concurrency}
-    report: dict = {"concurrency": concurrency, "cycles": counts, "database": args.database, "backends": {}}
+    counts = {c: (2 * c if args.quick else max(20, 5 * c)) for c in concurrency}
+    rounds = 1 if args.quick else args.rounds
+    report: dict = {
+        "concurrency": concurrency,
+        "cycles": counts,
+        "database": args.database,
+        "backend_workers": args.backend_workers,
+        "rounds": rounds,
+        "backends": {},
+    }
     cleanups = []
     postgres = None
     try:
@@ -207,7 +264,7 @@ def main() -> int:
                 }
             else:
                 parser.error(f"unknown backend {name}")
-            results = bench_backend(backend, concurrency, counts, postgres)
+            results = bench_backend(backend, concurrency, counts, args.backend_workers, rounds, postgres)
             derived = ratios(results, concurrency)
             report["backends"][name] = {"results": results, "derived": derived}
             print(table(name, results, derived), flush=True)

@@ -1,6 +1,10 @@
 """The baseline: the same operations as raw in-process cinderlib calls, from green threads in one
-eventlet-patched process (the way a Cinder service runs drivers). Reads a JSON job on stdin, prints
-one JSON line of per-operation latencies and wall times."""
+eventlet-patched process (the way a Cinder service runs drivers).
+
+Line protocol on stdin/stdout, so that the benchmark can interleave this with mbs-csi's runs: the first
+line is the setup job (database, backend, warm-up concurrency), answered by ``{"ready": true}``; every
+further line ``{"kind": ..., "count": ..., "concurrency": ...}`` is answered by one JSON line of
+per-operation latencies and the wall time."""
 
 import eventlet
 
@@ -39,7 +43,7 @@ def cycles(backend, kind: str, count: int, concurrency: int) -> dict:
 
 
 def main() -> None:
-    job = json.load(sys.stdin)
+    job = json.loads(sys.stdin.readline())
     cinderlib.setup(
         persistence_config={"storage": "db", "connection": job["database"]},
         file_locks_path=job["locks"],
@@ -48,13 +52,11 @@ def main() -> None:
     )
     backend = cinderlib.Backend(volume_backend_name=job["name"], volume_driver=job["volume_driver"], **job["options"])
     for kind in ("volume", "snapshot"):  # warm-up, as on the mbs-csi side
-        cycles(backend, kind, 3 * max(job["concurrency"]), max(job["concurrency"]))
-    results = {
-        f"{kind}/{c}": cycles(backend, kind, job["cycles"][str(c)], c)
-        for kind in ("volume", "snapshot")
-        for c in job["concurrency"]
-    }
-    print(json.dumps(results))
+        cycles(backend, kind, 3 * job["concurrency"], job["concurrency"])
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        run = json.loads(line)
+        print(json.dumps(cycles(backend, run["kind"], run["count"], run["concurrency"])), flush=True)
 
 
 if __name__ == "__main__":

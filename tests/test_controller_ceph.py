@@ -25,6 +25,8 @@ def ceph_ctl(ceph):
             "rbd_keyring_conf": str(ceph.keyring_path),
             # Without this, a clone from a volume leaves a volume-<id>.deleted image behind.
             "rbd_max_clone_depth": 0,
+            # One attempt at each rados call: a busy image fails at once instead of after ~15 s of retries.
+            "rados_connection_retries": 1,
         },
     }
     ctl = ControllerUnderTest(None, backends=[backend])
@@ -96,3 +98,24 @@ def test_an_image_removed_behind_the_drivers_back_makes_the_condition_abnormal(c
         == grpc.StatusCode.NOT_FOUND
     )
     assert ceph.images() == []
+
+
+def test_a_volume_held_open_by_another_client_answers_aborted_and_is_kept(ceph, ceph_ctl):
+    import rados
+    import rbd
+
+    volume = ceph_ctl.stub.CreateVolume(create_request("pvc-ceph-busy")).volume
+    image = f"volume-{volume.volume_id}"
+    request = pb.DeleteVolumeRequest(volume_id=volume.volume_id)
+    with (
+        rados.Rados(conffile=str(ceph.conf_path), rados_id="admin") as cluster,
+        cluster.open_ioctx(ceph.pool) as ioctx,
+        rbd.Image(ioctx, image),  # a watcher: the image cannot be removed while it is open
+    ):
+        error = rpc_error(ceph_ctl.stub.DeleteVolume, request)
+        assert error.code() == grpc.StatusCode.ABORTED
+        assert "busy" in error.details() and "try again" in error.details()
+        assert image in ceph.images()
+        ceph_ctl.stub.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=volume.volume_id))
+    ceph_ctl.stub.DeleteVolume(request)  # the CO's retry, once the other client let go
+    assert image not in ceph.images()

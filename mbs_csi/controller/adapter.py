@@ -15,12 +15,15 @@ import datetime
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import cinderlib
+import sqlalchemy
 from cinder import exception as cinder_exception
+from cinder.db.sqlalchemy import api as cinder_db
 from cinderlib import objects
 
 from mbs_csi import errors, logs
@@ -33,10 +36,66 @@ USABLE = ("available", "in-use")
 # Every replica names itself the same, so volume "host" fields do not depend on which one made them.
 CINDER_HOST = "mbs-csi"
 
+# Plain queries for the questions asked on every create and delete. cinderlib can only answer them by
+# loading whole objects (joins, lazy loads, one transaction each), which cost more than the database
+# write the call is about; cinder's schema is fixed by the pinned cinder release.
+_IDS_NAMED = {
+    table: sqlalchemy.text(f"SELECT id FROM {table} WHERE display_name = :name AND deleted = :deleted")
+    for table in ("volumes", "snapshots")
+}
+_DEPENDENTS = sqlalchemy.text(
+    "SELECT 'snapshot', id FROM snapshots WHERE volume_id = :id AND deleted = :deleted "
+    "UNION ALL SELECT 'node', attached_host FROM volume_attachment WHERE volume_id = :id AND deleted = :deleted"
+)
+
+
+def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """Make the embedded SQLite database cheap to use from several worker processes.
+
+    - Keep connections open: SQLAlchemy 1.4 opens a new SQLite connection for every transaction
+      (NullPool), which costs more than the statements themselves. A worker runs one call at a time,
+      so a small pool suffices. (SQLAlchemy 2 pools SQLite connections by default.)
+    - Write-ahead log: readers no longer wait for a writer in another worker, and a commit costs one
+      fsync instead of several. ``synchronous=FULL`` keeps every commit durable.
+    """
+    old = engine.pool
+    # Same connection factory and event listeners (oslo.db's among them), pooled.
+    engine.pool = sqlalchemy.pool.QueuePool(
+        old._creator, pool_size=1, max_overflow=4, dialect=old._dialect, _dispatch=old.dispatch
+    )
+    old.dispose()
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+
+# Seconds to wait before each new attempt of an operation the storage library refused as busy.
+BUSY_RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0)
+
+
+def _busy(exc: Exception) -> bool:
+    """Whether the storage refused because something else is using the volume or snapshot right now."""
+    return isinstance(exc, cinder_exception.VolumeIsBusy | cinder_exception.SnapshotIsBusy) or _library_busy(exc)
+
+
+def _library_busy(exc: Exception) -> bool:
+    """A storage library's own "busy" that the driver let through without retrying, such as librbd's
+    ImageBusy when several clients change one image's snapshots at once (seen at 16 concurrent
+    DeleteSnapshot calls on Ceph). Cinder's *IsBusy come after the driver's own retries."""
+    return type(exc).__name__ == "ImageBusy"
+
 
 def _translate(exc: Exception) -> errors.CSIError | None:
     """Our error for a cinder exception, or None to let it surface as an unexpected failure."""
     message = str(getattr(exc, "msg", None) or exc)
+    if _busy(exc):
+        return errors.Aborted(
+            f"the storage reports the volume or snapshot busy ({type(exc).__name__}: {message}); try again later"
+        )
     if isinstance(exc, cinder_exception.NotFound):
         return errors.NotFound(message)
     if isinstance(exc, cinder_exception.InvalidInput | cinder_exception.InvalidVolume):
@@ -58,6 +117,9 @@ class Adapter:
         )
         logs.setup(config.log_level)  # cinderlib's setup installed oslo.log's handlers, which do not scrub
         self.persistence = cinderlib.Backend.persistence
+        self._engine = cinder_db.get_engine()
+        if self._engine.dialect.name == "sqlite":
+            _tune_sqlite(self._engine)
         self.backends: dict[str, cinderlib.Backend] = {}
         self.backend_errors: dict[str, str | None] = {}
         self._specs = {spec.name: spec for spec in config.backends}
@@ -87,15 +149,21 @@ class Adapter:
         method: Callable[..., Any] | None = getattr(self, f"op_{operation}", None)
         if method is None:
             raise errors.Internal(f"unknown backend operation {operation!r}")
-        try:
-            return method(**kwargs)
-        except errors.CSIError:
-            raise
-        except Exception as exc:
-            translated = _translate(exc)
-            if translated is None:
+        for delay in (*BUSY_RETRY_DELAYS, None):
+            try:
+                return method(**kwargs)
+            except errors.CSIError:
                 raise
-            raise translated from exc
+            except Exception as exc:
+                if delay is not None and _library_busy(exc):  # every operation is idempotent: run it again
+                    log.info("%s: the storage is busy (%s); trying again in %.1f s", operation, exc, delay)
+                    time.sleep(delay)
+                    continue
+                translated = _translate(exc)
+                if translated is None:
+                    raise
+                raise translated from exc
+        raise AssertionError("unreachable")
 
     # --- lookups ------------------------------------------------------------------------------------
 
@@ -108,6 +176,17 @@ class Adapter:
         if volume is None:
             raise errors.NotFound(f"volume {volume_id} does not exist")
         return volume
+
+    def _named(self, table: str, name: str) -> list[str]:
+        """Ids of the volumes or snapshots called ``name``."""
+        with self._engine.connect() as connection:
+            return [row[0] for row in connection.execute(_IDS_NAMED[table], {"name": name, "deleted": False})]
+
+    def _dependents(self, volume_id: str) -> tuple[list[str], list[str]]:
+        """(ids of the volume's snapshots, nodes it is published to)."""
+        with self._engine.connect() as connection:
+            rows = connection.execute(_DEPENDENTS, {"id": volume_id, "deleted": False}).all()
+        return [v for kind, v in rows if kind == "snapshot"], sorted({v for kind, v in rows if kind == "node"})
 
     def _snapshot(self, snapshot_id: str) -> objects.Snapshot | None:
         found = self.persistence.get_snapshots(snapshot_id=snapshot_id)
@@ -168,7 +247,8 @@ class Adapter:
     ) -> tuple[VolumeRecord, bool]:
         """Create (or finish creating) the volume called ``name``: (its record, True), or (the record of
         an existing usable volume of that name, False) for the front to compare with the request."""
-        for leftover in self.persistence.get_volumes(volume_name=name):
+        leftovers = self.persistence.get_volumes(volume_name=name) if self._named("volumes", name) else []
+        for leftover in leftovers:
             if leftover.status in USABLE:
                 return volume_record(leftover), False
             log.info(
@@ -197,7 +277,7 @@ class Adapter:
             volume = objects.Volume(target, size=size_gib, **fields)
             make = partial(target.driver.create_volume, volume._ovo)
 
-        volume._ovo.created_at = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # cinder keeps naive UTC
+        volume._ovo.created_at = _utcnow()
         volume.save()  # recorded before the storage is touched: see the module docstring
         try:
             model_update = make()
@@ -222,15 +302,17 @@ class Adapter:
 
     @staticmethod
     def _destroy(resource: Any, delete_on_storage: Callable[[Any], Any], forget: Callable[[Any], Any]) -> None:
-        """Delete a volume or snapshot from the storage (absent is fine), then forget its record; when the
-        storage refuses, the record stays, marked ``error_deleting``."""
+        """Delete a volume or snapshot from the storage (absent is fine), then forget its record. When the
+        storage fails, the record stays, marked ``error_deleting``; when it refuses as busy, nothing was
+        deleted and the record stays as it was."""
         try:
             delete_on_storage(resource._ovo)
         except cinder_exception.NotFound:
             pass
-        except Exception:
-            resource._ovo.status = "error_deleting"
-            resource.save()
+        except Exception as exc:
+            if not _busy(exc):
+                resource._ovo.status = "error_deleting"
+                resource.save()
             raise
         forget(resource)
 
@@ -238,18 +320,17 @@ class Adapter:
         self._destroy(volume, volume.backend.driver.delete_volume, self.persistence.delete_volume)
 
     def op_delete_volume(self, volume_id: str) -> None:
-        volume = self._volume(volume_id)
-        if volume is None:
-            return
-        if volume.snapshots:
-            ids = ", ".join(s.id for s in volume.snapshots)
+        snapshot_ids, nodes = self._dependents(volume_id)
+        if snapshot_ids:
+            ids = ", ".join(sorted(snapshot_ids))
             raise errors.FailedPrecondition(f"volume {volume_id} still has snapshots: {ids}; delete them first")
-        nodes = sorted({c.attached_host for c in volume.connections})
         if nodes:
             raise errors.FailedPrecondition(
                 f"volume {volume_id} is still published to node(s) {', '.join(nodes)}; unpublish it first"
             )
-        self._destroy_volume(volume)
+        volume = self._volume(volume_id)
+        if volume is not None:
+            self._destroy_volume(volume)
 
     def op_extend_volume(self, volume_id: str, size_gib: int) -> VolumeRecord:
         volume = self._require_volume(volume_id)
@@ -260,7 +341,8 @@ class Adapter:
     # --- snapshots ----------------------------------------------------------------------------------
 
     def op_create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
-        for leftover in self.persistence.get_snapshots(snapshot_name=name):
+        leftovers = self.persistence.get_snapshots(snapshot_name=name) if self._named("snapshots", name) else []
+        for leftover in leftovers:
             if leftover.status == "available":
                 return snapshot_record(leftover)
             log.info(
@@ -272,6 +354,7 @@ class Adapter:
             self._destroy_snapshot(leftover)
         volume = self._require_volume(volume_id)
         snapshot = objects.Snapshot(volume, name=name, status="creating")
+        snapshot._ovo.created_at = _utcnow()
         snapshot.save()
         try:
             model_update = volume.backend.driver.create_snapshot(snapshot._ovo)
@@ -282,9 +365,7 @@ class Adapter:
         except Exception:
             self._destroy_snapshot(snapshot)
             raise
-        found = self._snapshot(snapshot.id)
-        assert found is not None
-        return snapshot_record(found)
+        return snapshot_record(snapshot)
 
     def _destroy_snapshot(self, snapshot: objects.Snapshot) -> None:
         self._destroy(snapshot, snapshot.backend.driver.delete_snapshot, self.persistence.delete_snapshot)
@@ -324,6 +405,11 @@ class Adapter:
         for connection in list(volume.connections):
             if node_id is None or connection.attached_host == node_id:
                 volume.disconnect(connection)
+
+
+def _utcnow() -> datetime.datetime:
+    """Now, as the naive UTC datetime cinder keeps."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def _epoch(ovo: Any) -> float:
