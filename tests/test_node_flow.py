@@ -319,6 +319,34 @@ def test_restaging_incompatibly_or_elsewhere_and_a_foreign_mount_at_the_target(c
     vol.tear_down()
 
 
+def test_a_filesystem_of_another_type_is_never_reformatted(cluster):
+    """Staging mounts first and probes only when that fails: a device holding ext4, staged as xfs, is
+    refused without a write, and still mounts as ext4 with its data afterwards."""
+    wait_published_connector(cluster)
+    vol = Volume(cluster, mount_cap("ext4"))
+    vol.publish_controller()
+    vol.stage()
+    vol.publish()
+    (vol.target / "kept").write_text("data")
+    vol.unpublish()
+    vol.unstage()
+
+    as_xfs = pb.NodeStageVolumeRequest(
+        volume_id=vol.id,
+        publish_context=vol.context,
+        staging_target_path=str(vol.staging),
+        volume_capability=mount_cap("xfs"),
+    )
+    error = rpc_error(cluster.node.NodeStageVolume, as_xfs)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already holds a ext4 filesystem, not xfs; refusing to reformat it" in error.details()
+    assert not mounted(vol.staging)
+    vol.stage()
+    vol.publish()
+    assert (vol.target / "kept").read_text() == "data"
+    vol.tear_down()
+
+
 def test_volume_mount_group_gives_the_pod_group_write_access(cluster):
     wait_published_connector(cluster)
     cap = mount_cap("ext4")

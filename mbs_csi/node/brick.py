@@ -345,9 +345,19 @@ _HINTS = (
 )
 
 
+# What to check on the node when os-brick's connector ran but no device appeared.
+_NO_DEVICE_HINTS = {
+    "iscsi": "is iscsid running on this node, and can it log in to the portal? see iscsiadm -m session",
+    "fibre_channel": "are the node's HBAs zoned to the array? see /sys/class/fc_host",
+    "nvmeof": "are the nvme-fabrics modules loaded and the target reachable? see nvme list-subsys",
+}
+
+
 def _failure(operation: str, protocol: str, data: Mapping[str, Any], exc: BaseException) -> BrickError:
     detail = _detail(exc, data)
     hints = [hint.format(*m.groups()) for pattern, hint in _HINTS if (m := pattern.search(detail))]
+    if type(exc).__name__ == "VolumeDeviceNotFound" and protocol.lower() in _NO_DEVICE_HINTS:
+        hints.append(_NO_DEVICE_HINTS[protocol.lower()])
     if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
         hints.append(f"the connection data has no {exc.args[0]!r}: check what the backend's driver returns")
     suffix = f" ({'; '.join(hints)})" if hints else ""

@@ -135,20 +135,32 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     @staticmethod
     def _format_and_mount(device: str, staging: str, fs_type: str, flags: list[str]) -> None:
-        found = mounts.filesystem_of(device)
-        if found is None:
-            if mounts.has_signature(device):
-                raise errors.FailedPrecondition(
-                    f"device {device} carries a signature (partition table or similar) but no filesystem; "
-                    "refusing to format it"
-                )
-            mounts.format_device(device, fs_type)
-        elif found != fs_type:
-            raise errors.FailedPrecondition(
-                f"device {device} already holds a {found} filesystem, not {fs_type}; refusing to reformat it"
-            )
+        """Mount the device's filesystem, formatting the device first only when it is blank.
+
+        The mount is tried first: a volume staged before (every pod restart) mounts at once, without a
+        probe. A failed mount writes nothing to the device; only then is it probed, to tell a blank
+        device (formatted, then mounted) from one holding something else (refused, never formatted).
+        """
         mounts.ensure_dir(staging)
-        mounts.mount(device, staging, fs_type=fs_type, options=_mount_options(fs_type, flags))
+        options = _mount_options(fs_type, flags)
+        try:
+            mounts.mount(device, staging, fs_type=fs_type, options=options)
+            return
+        except mounts.MountError as mount_error:
+            found = mounts.filesystem_of(device)
+            if found == fs_type:
+                raise  # the right filesystem, but it does not mount: say why, touch nothing
+            if found is not None:
+                raise errors.FailedPrecondition(
+                    f"device {device} already holds a {found} filesystem, not {fs_type}; refusing to reformat it"
+                ) from mount_error
+        if mounts.has_signature(device):
+            raise errors.FailedPrecondition(
+                f"device {device} carries a signature (partition table or similar) but no filesystem; "
+                "refusing to format it"
+            )
+        mounts.format_device(device, fs_type)
+        mounts.mount(device, staging, fs_type=fs_type, options=options)
 
     def _restage(self, existing: Attachment, request: Any, access_type: str, fs_type: str) -> Any:
         if existing.staging_path != request.staging_target_path:

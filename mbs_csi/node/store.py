@@ -13,9 +13,13 @@ secret-free copy. ``disconnect_volume`` does not need the secrets (an iSCSI logo
 no password), which is as well: CSI's NodeUnstageVolume carries no secrets to fill them back from.
 
 Standard library only (``sqlite3``): the node role must start fast. One connection per store guarded by
-a lock serves the gRPC server's threads; WAL journaling with ``synchronous=FULL`` makes every write
-durable when :meth:`~AttachmentStore.put`/:meth:`~AttachmentStore.remove` return, and lets another
-process (the CLI) read while the server writes. ``PRAGMA user_version`` holds the schema version.
+a lock serves the gRPC server's threads; WAL journaling lets another process (the CLI) read while the
+server writes. A record is durable when :meth:`~AttachmentStore.put` returns (``synchronous=FULL``: the
+WAL is flushed at commit). A removal is not flushed by itself (``synchronous=NORMAL`` for that commit):
+it becomes durable with the next put or checkpoint, and if the host loses power before, the record is
+merely back, for a volume no longer staged, which every node call treats as it should (an unstage
+of it unmounts nothing and detaches nothing left). Losing a put could leave a device attached with no
+record of it; losing a removal cannot. ``PRAGMA user_version`` holds the schema version.
 """
 
 from __future__ import annotations
@@ -148,15 +152,22 @@ class AttachmentStore:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, flush: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction; ``flush=False`` commits without waiting for the disk (see the module doc)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not flush:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not flush:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def get(self, volume_id: str) -> Attachment | None:
         with self._lock:
@@ -178,7 +189,7 @@ class AttachmentStore:
 
     def remove(self, volume_id: str) -> bool:
         """Forget the volume's record; False if there was none."""
-        with self._transaction() as db:
+        with self._transaction(flush=False) as db:
             return db.execute("DELETE FROM attachments WHERE volume_id = ?", (volume_id,)).rowcount > 0
 
     def all(self) -> list[Attachment]:
