@@ -33,6 +33,10 @@ _SERVE_FLAGS: tuple[tuple[str, str], ...] = (
     ("topology", "this node's topology segments as key=value,key2=value2"),
     ("default_backend", "backend used when a StorageClass names none (default: the first)"),
     ("max_volumes_per_node", "node: how many volumes this node accepts, announced to the CO (default: 0, no limit)"),
+    ("connector_store", "where nodes publish their connector properties: database or kubernetes (default: database)"),
+    ("kubeconfig", "kubernetes connector store: kubeconfig file (default: the in-cluster service account)"),
+    ("sensitive_options_dir", "directory of <backend>.<option> files holding sensitive driver options"),
+    ("metrics_endpoint", "host:port serving Prometheus metrics at /metrics (default: none)"),
 )
 
 

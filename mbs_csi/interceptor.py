@@ -66,6 +66,9 @@ def _short(method: str) -> str:
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
+    def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
+        self.observe = observe  # metrics: (method, status code name, seconds) after every call
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
@@ -100,7 +103,10 @@ class RpcInterceptor(grpc.ServerInterceptor):
                         log.exception("%s failed unexpectedly", method)
                     context.abort(status, secrets.scrub(message))
             finally:
-                log.info("%s done%s status=%s in %.3fs", method, ids, status.name, time.monotonic() - started)
+                seconds = time.monotonic() - started
+                log.info("%s done%s status=%s in %.3fs", method, ids, status.name, seconds)
+                if self.observe is not None:
+                    self.observe(method, status.name, seconds)
                 logs.request_id.reset(token)
 
         return call

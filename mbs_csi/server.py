@@ -89,9 +89,10 @@ class Server:
         self.settings = settings
         self.readiness = readiness_for(settings)
         self._stopping = threading.Event()
+        self.interceptor = RpcInterceptor()
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=[RpcInterceptor()],
+            interceptors=[self.interceptor],
             options=[("grpc.so_reuseport", 0)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(settings, self.readiness), self._grpc)
@@ -119,12 +120,19 @@ class Server:
             os.chmod(endpoint.address, SOCKET_MODE)
         else:
             self._bind(endpoint)
+        if self.settings.metrics_endpoint:
+            from mbs_csi.metrics import serve_metrics
+
+            self.interceptor.observe = serve_metrics(self.settings.metrics_endpoint, self._ready)
         if self.pool is not None:
             self.pool.start()
         if self.settings.runs_node:
             self._start_node()
         self._grpc.start()
         log.info("mbs-csi %s serving role=%s on %s", __version__, self.settings.role, endpoint)
+
+    def _ready(self) -> bool:
+        return not self.readiness.problems()
 
     def _start_node(self) -> None:
         """Set up os-brick's privileged calls and publish this node's connector properties."""
