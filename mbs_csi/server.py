@@ -17,6 +17,7 @@ import grpc
 from csi import csi_pb2_grpc
 from mbs_csi import __version__, secrets
 from mbs_csi.config import Endpoint, Settings
+from mbs_csi.connectors import KubernetesConnectorStore, publish_in_child, store_for
 from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.records import BackendSpec, WorkerConfig
 from mbs_csi.controller.service import ControllerService
@@ -100,7 +101,12 @@ class Server:
         if settings.runs_controller:
             self.pool = WorkerPool(worker_config(settings), settings.backend_workers, settings.backend_timeout)
             self.readiness.add(lambda: "; ".join(self.pool.problems()) if self.pool else None)
-            csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, self.pool), self._grpc)
+        self.connectors = store_for(settings, self.pool)
+        if self.pool is not None:
+            assert self.connectors is not None
+            csi_pb2_grpc.add_ControllerServicer_to_server(
+                ControllerService(settings, self.pool, self.connectors), self._grpc
+            )
         if settings.runs_node:
             from mbs_csi.node.service import NodeService
             from mbs_csi.node.store import AttachmentStore
@@ -141,21 +147,27 @@ class Server:
         # On the host path, so an old and a new plugin overlapping during an upgrade share os-brick's locks.
         brick.setup_privileges(lock_path=str(self.settings.state_dir / "os-brick-locks"))
         properties = brick.connector_properties(self.settings.node_id)
-        if self.pool is None:
+        if self.connectors is None:
             log.warning(
-                "role node has no connector store yet (the database store needs database credentials, which a "
-                "node must not hold): ControllerPublishVolume will not find node %s; run role all for now",
+                "role node with connector_store database cannot publish this node's connector properties (the "
+                "database's credentials do not belong on nodes): ControllerPublishVolume will not find node %s; "
+                "set connector_store: kubernetes",
                 self.settings.node_id,
             )
             return
         threading.Thread(target=self._publish_connector, args=(properties,), name="connector", daemon=True).start()
 
     def _publish_connector(self, properties: dict[str, object]) -> None:
-        """Store the connector properties once the backend workers are up, retrying until it works."""
-        assert self.pool is not None
+        """Store the connector properties, retrying until it works (the backend workers or the Kubernetes
+        API may not be up yet)."""
+        store = self.connectors
         while not self._stopping.is_set():
             try:
-                self.pool.call("set_connector", node_id=self.settings.node_id, properties=properties)
+                if isinstance(store, KubernetesConnectorStore):
+                    publish_in_child(store, self.settings.node_id, properties)
+                else:
+                    assert store is not None
+                    store.publish(self.settings.node_id, properties)
                 log.info("published connector properties of node %s", self.settings.node_id)
                 return
             except Exception as exc:

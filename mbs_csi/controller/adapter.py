@@ -384,17 +384,17 @@ class Adapter:
         found = self.persistence.get_key_values(CONNECTOR_KEY.format(node=node_id))
         return json.loads(found[0].value) if found else None
 
-    def op_connect(self, volume_id: str, node_id: str, readonly: bool) -> dict[str, Any]:
-        """Connection info for ``node_id`` (the existing one when already connected there)."""
+    def op_connect(
+        self, volume_id: str, node_id: str, readonly: bool, connector: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Connection info for ``node_id`` (the existing one when already connected there), connecting
+        with the node's ``connector`` properties otherwise."""
         volume = self._require_volume(volume_id)
         for connection in volume.connections:
             if connection.attached_host == node_id:
                 return connection.conn_info
-        connector = self.op_get_connector(node_id)
         if connector is None:
-            raise errors.NotFound(
-                f"node {node_id} has not published its connector properties; is the mbs-csi node plugin running there?"
-            )
+            raise errors.NotFound(f"node {node_id}'s connector properties are unknown")
         connection = volume.connect(connector, attached_host=node_id, attach_mode="ro" if readonly else "rw")
         return connection.conn_info
 

@@ -16,10 +16,11 @@ from csi import csi_pb2, csi_pb2_grpc
 from mbs_csi import errors, logs
 from mbs_csi.capabilities import access, require
 from mbs_csi.config import Backend, Settings
+from mbs_csi.connectors import ConnectorStore
 from mbs_csi.controller import validate
 from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.records import GIB, SnapshotRecord, VolumeRecord
-from mbs_csi.inflight import InFlight
+from mbs_csi.inflight import DatabaseLocks, InFlight
 from mbs_csi.publish_context import to_publish_context
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -64,10 +65,12 @@ def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, toke
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
+    def __init__(self, settings: Settings, pool: WorkerPool, connectors: ConnectorStore) -> None:
         self.settings = settings
         self.pool = pool
-        self.inflight = InFlight()
+        self.connectors = connectors
+        shared_database = settings.database.startswith("postgresql")
+        self.inflight = InFlight(DatabaseLocks(settings.database, settings.workers) if shared_database else None)
         self._stats: dict[str, tuple[float, dict[str, Any]]] = {}
         self._stats_lock = threading.Lock()
 
@@ -219,6 +222,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                         f"volume {request.volume_id} is already published to node {request.node_id} "
                         f"{'read-only' if mode == 'rw' else 'read-write'}; unpublish it first"
                     )
+                connector = None  # connected there already: the worker answers with that connection
             else:
                 others = sorted(set(record.published) - {request.node_id})
                 if others and not wants.multi_node:
@@ -226,8 +230,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                         f"volume {request.volume_id} is published to node {', '.join(others)} and its access "
                         "mode allows a single node"
                     )
+                connector = self.connectors.lookup(request.node_id)
+                if connector is None:
+                    raise errors.NotFound(
+                        f"node {request.node_id} has not published its connector properties "
+                        f"({self.settings.connector_store} store); is the mbs-csi node plugin running there?"
+                    )
             info = self._call(
-                "connect", volume_id=request.volume_id, node_id=request.node_id, readonly=request.readonly
+                "connect",
+                volume_id=request.volume_id,
+                node_id=request.node_id,
+                readonly=request.readonly,
+                connector=connector,
             )
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=to_publish_context(info))
 
