@@ -1,0 +1,176 @@
+{{/* Names, labels and images shared by the templates. */}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "mbs-csi.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of every object name: fullnameOverride, or "<release>-<name>" (just "<release>" when it
+already contains the name). */}}
+{{- define "mbs-csi.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "mbs-csi.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "mbs-csi.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "mbs-csi.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Labels that select the chart's pods (each workload adds app.kubernetes.io/component). */}}
+{{- define "mbs-csi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mbs-csi.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The mbs-csi image. */}}
+{{- define "mbs-csi.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* Service accounts. */}}
+{{- define "mbs-csi.controllerServiceAccount" -}}
+{{ include "mbs-csi.fullname" . }}-controller
+{{- end }}
+
+{{- define "mbs-csi.nodeServiceAccount" -}}
+{{ include "mbs-csi.fullname" . }}-node
+{{- end }}
+
+{{/* The Secret holding the backends' sensitive options. */}}
+{{- define "mbs-csi.sensitiveOptionsSecret" -}}
+{{ .Values.sensitiveOptions.existingSecret | default (printf "%s-backend-options" (include "mbs-csi.fullname" .)) }}
+{{- end }}
+
+{{/* The Secret holding the PostgreSQL URL, and its key. */}}
+{{- define "mbs-csi.databaseSecret" -}}
+{{ .Values.database.postgresql.existingSecret | default (printf "%s-database" (include "mbs-csi.fullname" .)) }}
+{{- end }}
+
+{{- define "mbs-csi.databaseSecretKey" -}}
+{{ ternary .Values.database.postgresql.existingSecretKey "url" (ne .Values.database.postgresql.existingSecret "") }}
+{{- end }}
+
+{{/* "true" when the controller sidecars must elect a leader: more than one replica. */}}
+{{- define "mbs-csi.leaderElection" -}}
+{{ ternary "true" "" (gt (int .Values.controller.replicas) 1) }}
+{{- end }}
+
+{{/* The node-stage Secret of one backend: call with (list $ <backend>); empty when the backend has none. */}}
+{{- define "mbs-csi.nodeStageSecret" -}}
+{{- $root := index . 0 }}
+{{- $backend := index . 1 }}
+{{- $secret := dig "nodeStageSecret" dict $backend }}
+{{- if or (dig "name" "" $secret) (dig "data" dict $secret) }}
+{{- dig "name" "" $secret | default (printf "%s-%s-node-stage" (include "mbs-csi.fullname" $root) $backend.name) }}
+{{- end }}
+{{- end }}
+
+{{/* Settings the chart refuses, with the reason. Included by the controller Deployment. */}}
+{{- define "mbs-csi.validate" -}}
+{{- if not (has .Values.database.type (list "sqlite" "postgresql")) }}
+{{- fail (printf "database.type must be sqlite or postgresql, not %q" .Values.database.type) }}
+{{- end }}
+{{- if and (gt (int .Values.controller.replicas) 1) (eq .Values.database.type "sqlite") }}
+{{- fail (printf "controller.replicas=%d needs database.type=postgresql: the SQLite database lives on one ReadWriteOnce volume and serves a single controller. Set database.type=postgresql with database.postgresql.existingSecret (or url), or controller.replicas=1." (int .Values.controller.replicas)) }}
+{{- end }}
+{{- if and (eq .Values.database.type "postgresql") (not (or .Values.database.postgresql.existingSecret .Values.database.postgresql.url)) }}
+{{- fail "database.type=postgresql needs database.postgresql.existingSecret (a Secret holding the URL) or database.postgresql.url" }}
+{{- end }}
+{{- end }}
+
+{{/* The controller's volumes shared with the `helm test` pod: configuration, sensitive options, extra Secrets. */}}
+{{- define "mbs-csi.controllerConfigVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "mbs-csi.fullname" . }}
+- name: backend-options
+  secret:
+    secretName: {{ include "mbs-csi.sensitiveOptionsSecret" . }}
+    defaultMode: 0440
+{{- range .Values.controller.secretMounts }}
+- name: {{ .name }}
+  secret:
+    secretName: {{ .secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- with .Values.controller.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "mbs-csi.controllerConfigMounts" -}}
+- name: config
+  mountPath: /etc/mbs-csi/config
+  readOnly: true
+- name: backend-options
+  mountPath: /etc/mbs-csi/secrets
+  readOnly: true
+{{- range .Values.controller.secretMounts }}
+- name: {{ .name }}
+  mountPath: {{ .mountPath }}
+  readOnly: true
+{{- end }}
+{{- with .Values.controller.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The controller's environment shared with the `helm test` pod. */}}
+{{- define "mbs-csi.controllerConfigEnv" -}}
+- name: MBS_CSI_CONFIG
+  value: /etc/mbs-csi/config/config.yaml
+- name: MBS_CSI_SENSITIVE_OPTIONS_DIR
+  value: /etc/mbs-csi/secrets
+{{- if eq .Values.database.type "postgresql" }}
+- name: MBS_CSI_DATABASE
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mbs-csi.databaseSecret" . }}
+      key: {{ include "mbs-csi.databaseSecretKey" . }}
+{{- end }}
+{{- with .Values.controller.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Arguments every controller sidecar takes: call with (list $ <metrics port>). */}}
+{{- define "mbs-csi.sidecarArgs" -}}
+{{- $root := index . 0 -}}
+- --csi-address=/csi/csi.sock
+- --v={{ $root.Values.sidecars.logVerbosity }}
+- --timeout={{ $root.Values.sidecars.timeout }}
+- --http-endpoint=:{{ index . 1 }}
+{{- if include "mbs-csi.leaderElection" $root }}
+- --leader-election
+- --leader-election-namespace={{ $root.Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* Security context of the sidecar containers. */}}
+{{- define "mbs-csi.sidecarSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/* A topology map as the driver's environment wants it: "key=value,key2=value2". */}}
+{{- define "mbs-csi.topologyText" -}}
+{{- $pairs := list }}
+{{- range $key, $value := . }}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}

@@ -1,0 +1,703 @@
+"""The Helm chart (charts/mbs-csi), rendered the way helm renders it and checked object by object.
+
+No helm binary and no cluster exist here, so tests/helm_render, a small Go program, renders the chart with
+Go's text/template and the sprig functions (the engine helm is built on) plus helm's own functions, with
+helm's value merging; it is built once per session. Renders run in strict mode (a reference to a value
+that does not exist is an error) unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mbs_csi.config import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "mbs-csi"
+RENDERER_SOURCE = Path(__file__).resolve().parent / "helm_render"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+NAMESPACE = "storage"
+RELEASE = "mbs-csi"
+PG_SET = ("database.type=postgresql", "database.postgresql.existingSecret=pg-url")
+
+SIDECAR_IMAGES = {
+    "csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0",
+    "csi-attacher": "registry.k8s.io/sig-storage/csi-attacher:v4.12.0",
+    "csi-snapshotter": "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0",
+    "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1",
+    "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe:v2.19.0",
+    "node-driver-registrar": "registry.k8s.io/sig-storage/node-driver-registrar:v2.17.0",
+}
+LEADER_ELECTED = ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer")
+
+# What each container of the controller pod does with the Kubernetes API: the rules of the sidecars'
+# deploy/kubernetes RBAC files at the pinned releases, and the driver's connector-store read.
+# (api group, resource): verbs.
+NEEDS: dict[str, dict[tuple[str, str], set[str]]] = {
+    "csi-provisioner": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+        ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+        ("", "events"): {"list", "watch", "create", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+        ("", "nodes"): {"get", "list", "watch"},
+        ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
+        ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
+    },
+    "csi-attacher": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+        ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch", "patch"},
+        ("storage.k8s.io", "volumeattachments/status"): {"patch"},
+    },
+    "csi-snapshotter": {
+        ("", "events"): {"list", "watch", "create", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
+    },
+    "csi-resizer": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch"},
+        ("", "pods"): {"get", "list", "watch"},
+        ("", "persistentvolumeclaims/status"): {"patch"},
+        ("", "events"): {"list", "watch", "create", "update", "patch"},
+        ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
+    },
+    "mbs-csi": {("", "nodes"): {"get"}},
+}
+LEASES = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}}
+# The node plugin patches the connector annotation of its own Node: that and nothing else.
+NODE_RULES = {("", "nodes"): {"get", "patch"}}
+
+
+class RenderError(Exception):
+    pass
+
+
+@dataclass
+class Rendered:
+    docs: list[dict[str, Any]]
+    sources: set[str] = field(default_factory=set)
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [d for d in self.all(kind) if name is None or d["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+        return found[0]
+
+    @property
+    def controller(self) -> dict[str, Any]:
+        return self.one("Deployment")
+
+    @property
+    def node(self) -> dict[str, Any]:
+        return self.one("DaemonSet")
+
+    @property
+    def test_pod(self) -> dict[str, Any]:
+        return self.one("Pod")
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
+
+
+def container(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [c for c in pod_spec(obj)["containers"] if c["name"] == name]
+    return found
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+@pytest.fixture(scope="session")
+def renderer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go") or "/usr/lib/go-1.19/bin/go"
+    assert Path(go).exists(), "Go is missing: run `bash scripts/install.sh --dev`"
+    binary = tmp_path_factory.mktemp("helm_render") / "helm_render"
+    env = {
+        **os.environ,
+        # GOPATH mode on Debian's Go packages: no module download, nothing from the network.
+        "GO111MODULE": "off",
+        "GOPATH": "/usr/share/gocode",
+        "GOFLAGS": "",
+        "GOCACHE": os.environ.get("GOCACHE") or str(Path.home() / ".cache" / "go-build"),
+    }
+    proc = subprocess.run(
+        [go, "build", "-o", str(binary), "."], cwd=RENDERER_SOURCE, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, f"building tests/helm_render failed:\n{proc.stderr}"
+    return binary
+
+
+@pytest.fixture
+def render(renderer: Path):
+    def run(*values: Path, sets: tuple[str, ...] = (), strict: bool = True, chart: Path = CHART) -> Rendered:
+        cmd = [str(renderer), "-chart", str(chart), "-name", RELEASE, "-namespace", NAMESPACE]
+        cmd += ["-strict"] if strict else []
+        for file in values:
+            cmd += ["-f", str(file)]
+        for item in sets:
+            cmd += ["--set", item]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RenderError(proc.stderr)
+        docs = [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+        sources = set(re.findall(r"^# Source: (\S+)$", proc.stdout, flags=re.M))
+        return Rendered(docs, sources)
+
+    return run
+
+
+# Every values set the chart is rendered with: the defaults, each example, and PostgreSQL with 2 replicas.
+CASES = [
+    pytest.param(((), ()), id="defaults"),
+    *[pytest.param(((f,), ()), id=f.stem) for f in EXAMPLES],
+    pytest.param(((), (*PG_SET, "controller.replicas=2")), id="postgresql-2-replicas"),
+]
+
+
+@pytest.fixture(params=CASES)
+def rendered(request: pytest.FixtureRequest, render) -> Rendered:
+    files, sets = request.param
+    return render(*files, sets=sets)
+
+
+def test_renderer_source_is_gofmt_clean():
+    gofmt = shutil.which("gofmt") or "/usr/lib/go-1.19/bin/gofmt"
+    proc = subprocess.run([gofmt, "-l", str(RENDERER_SOURCE)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+
+
+def test_examples_exist():
+    assert {f.stem for f in EXAMPLES} >= {"loopback", "ceph-rbd", "iscsi-xtremio"}
+
+
+def test_every_document_is_a_named_kubernetes_object(rendered: Rendered):
+    seen = set()
+    for doc in rendered.docs:
+        assert isinstance(doc, dict), doc
+        assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], doc
+        assert isinstance(doc.get("kind"), str) and doc["kind"], doc
+        name = doc.get("metadata", {}).get("name")
+        assert isinstance(name, str) and re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name), doc
+        if doc["kind"] not in {"CSIDriver", "StorageClass", "VolumeSnapshotClass", "ClusterRole", "ClusterRoleBinding"}:
+            assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]
+        key = (doc["kind"], doc["metadata"].get("namespace"), name)
+        assert key not in seen, f"duplicate {key}"
+        seen.add(key)
+    kinds = {d["kind"] for d in rendered.docs}
+    assert kinds >= {"CSIDriver", "ConfigMap", "Secret", "Deployment", "DaemonSet", "Pod", "Service"}
+    assert kinds >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "PodDisruptionBudget"}
+
+
+def ceph_values_with_node_stage_secret(tmp_path: Path, node_stage_secret: dict[str, Any]) -> Path:
+    """A values file with one Ceph backend whose node-stage Secret the chart makes from ``node_stage_secret``."""
+    path = tmp_path / "node-stage.yaml"
+    backend = {
+        "name": "ceph",
+        "volume_driver": "cinder.volume.drivers.rbd.RBDDriver",
+        "nodeStageSecret": node_stage_secret,
+    }
+    path.write_text(yaml.safe_dump({"backends": [backend]}))
+    return path
+
+
+def test_every_template_renders_in_some_configuration(render, tmp_path: Path):
+    node_stage = ceph_values_with_node_stage_secret(tmp_path, {"data": {"keyring": "[client.cinder]\n\tkey = AQ==\n"}})
+    sources: set[str] = set()
+    for files, sets in [((), ()), *[((f,), ()) for f in EXAMPLES], ((node_stage,), ())]:
+        sources |= render(*files, sets=sets).sources
+    sources |= render(sets=("database.type=postgresql", "database.postgresql.url=postgresql://u:p@db/mbs")).sources
+    templates = {
+        f"mbs-csi/templates/{p.name}"
+        for p in (CHART / "templates").iterdir()
+        if not p.name.startswith("_") and p.name != "NOTES.txt"
+    }
+    assert templates - sources == set()
+
+
+def test_pod_specs_hold_together(rendered: Rendered):
+    """What the API server would refuse, or what would break at run time: dangling names, bad ports."""
+    for obj in [rendered.controller, rendered.node, rendered.test_pod]:
+        spec = pod_spec(obj)
+        volumes = [v["name"] for v in spec["volumes"]]
+        assert len(volumes) == len(set(volumes)), volumes
+        names = [c["name"] for c in spec["containers"]]
+        assert len(names) == len(set(names)), names
+        ports = [p["name"] for c in spec["containers"] for p in c.get("ports", [])]
+        assert len(ports) == len(set(ports)) and all(len(p) <= 15 for p in ports), ports
+        for c in spec["containers"]:
+            assert c["image"] and c["resources"]["requests"], c["name"]
+            assert {m["name"] for m in c.get("volumeMounts", [])} <= set(volumes), c["name"]
+            mount_paths = [m["mountPath"] for m in c.get("volumeMounts", [])]
+            assert len(mount_paths) == len(set(mount_paths)), mount_paths
+            env = [e["name"] for e in c.get("env", [])]
+            assert len(env) == len(set(env)), env
+            probe = c.get("livenessProbe")
+            if probe:
+                assert probe["httpGet"]["port"] in {p["name"] for p in c["ports"]}
+            security = c.get("securityContext", {})
+            if security.get("privileged"):
+                assert security.get("allowPrivilegeEscalation") is not False, c["name"]
+        if obj["kind"] != "Pod":
+            labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = rendered.one("Service")
+    controller_ports = {p["name"] for c in pod_spec(rendered.controller)["containers"] for p in c.get("ports", [])}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= controller_ports
+    assert service["spec"]["selector"].items() <= rendered.controller["spec"]["template"]["metadata"]["labels"].items()
+    pdb = rendered.one("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == rendered.controller["spec"]["selector"]["matchLabels"]
+
+
+def test_sidecars_run_exactly_the_pinned_releases(rendered: Rendered):
+    images = {}
+    for obj in [rendered.controller, rendered.node]:
+        for c in pod_spec(obj)["containers"]:
+            if c["name"] != "mbs-csi":
+                assert images.setdefault(c["name"], c["image"]) == c["image"]
+    assert images == SIDECAR_IMAGES
+    for obj in [rendered.controller, rendered.node, rendered.test_pod]:
+        driver = [c for c in pod_spec(obj)["containers"] if c["name"] in {"mbs-csi", "backend-check"}]
+        assert [c["image"] for c in driver] == ["mbs-csi:0.1.0"]
+
+
+def test_sidecars_share_the_driver_socket(rendered: Rendered):
+    for obj, role in [(rendered.controller, "controller"), (rendered.node, "node")]:
+        driver = container(obj, "mbs-csi")
+        env = env_of(driver)
+        assert env["CSI_ENDPOINT"]["value"] == "unix:///csi/csi.sock"
+        assert env["MBS_CSI_ROLE"]["value"] == role
+        for c in pod_spec(obj)["containers"]:
+            assert {"name": "socket-dir", "mountPath": "/csi"} in c["volumeMounts"], c["name"]
+            if c["name"] != "mbs-csi":
+                assert "--csi-address=/csi/csi.sock" in c["args"], c["name"]
+    volumes = {v["name"]: v for v in pod_spec(rendered.controller)["volumes"]}
+    assert volumes["socket-dir"] == {"name": "socket-dir", "emptyDir": {}}
+
+
+def effective_rules(rendered: Rendered, service_account: str) -> dict[tuple[str, str], set[str]]:
+    """Every (api group, resource) -> verbs the ServiceAccount gets through (Cluster)RoleBindings."""
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in rendered.all("ClusterRole") + rendered.all("Role")}
+    granted: dict[tuple[str, str], set[str]] = {}
+    for binding in rendered.all("ClusterRoleBinding") + rendered.all("RoleBinding"):
+        subject = {"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}
+        if subject not in binding["subjects"]:
+            continue
+        ref = binding["roleRef"]
+        assert ref["apiGroup"] == "rbac.authorization.k8s.io"
+        role = roles[(ref["kind"], ref["name"])]
+        assert role["kind"] == "ClusterRole" or role["metadata"]["namespace"] == NAMESPACE
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def test_each_controller_container_gets_the_rbac_it_needs(rendered: Rendered):
+    spec = pod_spec(rendered.controller)
+    granted = effective_rules(rendered, spec["serviceAccountName"])
+    containers = {c["name"] for c in spec["containers"]}
+    assert containers == {*NEEDS, "liveness-probe"}
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for name in containers - {"liveness-probe"}:
+        for key, verbs in NEEDS[name].items():
+            missing = verbs - granted.get(key, set())
+            assert not missing, f"{name} needs {sorted(missing)} on {key}"
+            wanted.setdefault(key, set()).update(verbs)
+    if "--leader-election" in container(rendered.controller, "csi-provisioner")["args"]:
+        for key, verbs in LEASES.items():
+            assert verbs <= granted.get(key, set())
+            wanted.setdefault(key, set()).update(verbs)
+    # Least privilege: nothing beyond those rules, save the group snapshot rules upstream's
+    # csi-snapshotter RBAC carries; no Secret in particular.
+    extra = {k for k in granted if k not in wanted and not k[0].startswith("groupsnapshot.")}
+    assert extra == set()
+    assert all(granted[k] == wanted[k] for k in wanted)
+    assert not any(resource == "secrets" for _, resource in granted)
+
+
+def test_node_plugin_may_only_read_and_patch_nodes(rendered: Rendered):
+    assert effective_rules(rendered, pod_spec(rendered.node)["serviceAccountName"]) == NODE_RULES
+
+
+def test_test_pod_has_no_api_access(rendered: Rendered):
+    assert rendered.test_pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_sqlite_means_one_recreated_replica_with_its_state_on_a_claim(render):
+    rendered = render()
+    deployment = rendered.controller
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    for name in LEADER_ELECTED:
+        assert not any(a.startswith("--leader-election") for a in container(deployment, name)["args"])
+    assert rendered.all("Role") == []
+    claim = rendered.one("PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    state = {v["name"]: v for v in pod_spec(deployment)["volumes"]}["state"]
+    assert state["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert {"name": "state", "mountPath": "/var/lib/mbs-csi"} in container(deployment, "mbs-csi")["volumeMounts"]
+
+
+@pytest.mark.parametrize("how", ["set", "file"])
+def test_several_replicas_with_sqlite_are_refused(render, tmp_path: Path, how: str):
+    files: tuple[Path, ...] = ()
+    sets: tuple[str, ...] = ()
+    if how == "set":
+        sets = ("controller.replicas=2",)
+    else:
+        files = (tmp_path / "values.yaml",)
+        files[0].write_text("controller:\n  replicas: 2\n")
+    with pytest.raises(RenderError, match=r"controller\.replicas=2 needs database\.type=postgresql"):
+        render(*files, sets=sets)
+
+
+def test_several_replicas_with_postgresql_elect_leaders_and_keep_no_claim(render):
+    rendered = render(sets=(*PG_SET, "controller.replicas=2"))
+    deployment = rendered.controller
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    for name in LEADER_ELECTED:
+        assert "--leader-election" in container(deployment, name)["args"], name
+    assert rendered.all("PersistentVolumeClaim") == []
+    database = env_of(container(deployment, "mbs-csi"))["MBS_CSI_DATABASE"]
+    assert database["valueFrom"]["secretKeyRef"]["name"] == "pg-url"
+    assert "database" not in yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])
+
+
+def test_node_plugin_gets_neither_the_backends_secrets_nor_the_database(rendered: Rendered):
+    spec = pod_spec(rendered.node)
+    assert not any("secret" in v or "projected" in v for v in spec["volumes"]), spec["volumes"]
+    for c in spec["containers"]:
+        env = env_of(c)
+        assert "MBS_CSI_DATABASE" not in env and "MBS_CSI_SENSITIVE_OPTIONS_DIR" not in env, c["name"]
+        assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in env.values()), c["name"]
+
+
+@pytest.mark.parametrize("kubelet_dir", ["/var/lib/kubelet", "/data/kubelet"])
+def test_node_plugin_mounts_what_attaching_and_mounting_need(render, kubelet_dir: str):
+    rendered = render(sets=(f"node.kubeletDir={kubelet_dir}",))
+    spec = pod_spec(rendered.node)
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert {"operator": "Exists"} in spec["tolerations"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    driver = container(rendered.node, "mbs-csi")
+    assert driver["securityContext"]["privileged"] is True
+    host_paths = {
+        m["mountPath"]: volumes[m["name"]]["hostPath"]["path"]
+        for m in driver["volumeMounts"]
+        if "hostPath" in volumes[m["name"]]
+    }
+    socket_dir = f"{kubelet_dir}/plugins/mbs.csi.io"
+    assert host_paths == {
+        "/csi": socket_dir,
+        kubelet_dir: kubelet_dir,
+        "/dev": "/dev",
+        "/sys": "/sys",
+        "/run/udev": "/run/udev",
+        "/lib/modules": "/lib/modules",
+        "/etc/iscsi": "/etc/iscsi",
+        "/var/lib/iscsi": "/var/lib/iscsi",
+        "/etc/nvme": "/etc/nvme",
+        "/var/lib/mbs-csi": "/var/lib/mbs-csi",
+    }
+    (kubelet,) = [m for m in driver["volumeMounts"] if m["mountPath"] == kubelet_dir]
+    assert kubelet["mountPropagation"] == "Bidirectional"
+    assert env_of(driver)["MBS_CSI_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    registrar = container(rendered.node, "node-driver-registrar")
+    assert f"--kubelet-registration-path={socket_dir}/csi.sock" in registrar["args"]
+    assert volumes["registration-dir"]["hostPath"]["path"] == f"{kubelet_dir}/plugins_registry"
+
+
+def test_csidriver_object(render):
+    assert render().one("CSIDriver", "mbs.csi.io")["spec"] == {
+        "attachRequired": True,
+        "podInfoOnMount": False,
+        "fsGroupPolicy": "File",
+        "volumeLifecycleModes": ["Persistent"],
+    }
+
+
+def test_a_storage_class_per_backend_and_a_snapshot_class(render):
+    rendered = render(CHART / "examples" / "ceph-rbd.yaml")
+    storage_class = rendered.one("StorageClass", "mbs-ceph")
+    assert storage_class["provisioner"] == "mbs.csi.io" and storage_class["allowVolumeExpansion"] is True
+    assert storage_class["parameters"] == {
+        "backend": "ceph",
+        "csi.storage.k8s.io/fstype": "ext4",
+        "csi.storage.k8s.io/node-stage-secret-name": "ceph-node-stage",  # the user's own Secret
+        "csi.storage.k8s.io/node-stage-secret-namespace": NAMESPACE,
+    }
+    snapshot_class = rendered.one("VolumeSnapshotClass")
+    assert snapshot_class["driver"] == "mbs.csi.io" and snapshot_class["deletionPolicy"] == "Delete"
+    defaults = render()
+    configured = yaml.safe_load(defaults.one("ConfigMap")["data"]["config.yaml"])["backends"]
+    assert [c["parameters"]["backend"] for c in defaults.all("StorageClass")] == [b["name"] for b in configured]
+
+
+def test_ceph_example_mounts_the_ceph_client_secret_on_the_controller_only(render):
+    rendered = render(CHART / "examples" / "ceph-rbd.yaml")
+    for obj in [rendered.controller, rendered.test_pod]:
+        c = pod_spec(obj)["containers"][0]
+        assert {"name": "ceph-client", "mountPath": "/etc/ceph", "readOnly": True} in c["volumeMounts"]
+        volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+        assert volumes["ceph-client"]["secret"]["secretName"] == "ceph-client"
+    assert "ceph-client" not in {v["name"] for v in pod_spec(rendered.node)["volumes"]}
+
+
+def test_node_stage_secret_from_values(render, tmp_path: Path):
+    values = ceph_values_with_node_stage_secret(
+        tmp_path, {"namespace": "ceph-secrets", "data": {"keyring": "[client.cinder]\n"}}
+    )
+    rendered = render(values)
+    secret = rendered.one("Secret", f"{RELEASE}-ceph-node-stage")
+    assert secret["metadata"]["namespace"] == "ceph-secrets"
+    assert base64.b64decode(secret["data"]["keyring"]).decode() == "[client.cinder]\n"
+    params = rendered.one("StorageClass")["parameters"]
+    assert params["csi.storage.k8s.io/node-stage-secret-name"] == f"{RELEASE}-ceph-node-stage"
+    assert params["csi.storage.k8s.io/node-stage-secret-namespace"] == "ceph-secrets"
+
+
+def test_helm_test_pod_checks_the_backends_with_the_controller_configuration(rendered: Rendered):
+    pod = rendered.test_pod
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (check,) = pod["spec"]["containers"]
+    assert check["args"] == ["backend", "check"]
+    driver = container(rendered.controller, "mbs-csi")
+    driver_env = env_of(driver)
+    for name in ["MBS_CSI_CONFIG", "MBS_CSI_SENSITIVE_OPTIONS_DIR", "MBS_CSI_DATABASE"]:
+        assert env_of(check).get(name) == driver_env.get(name), name
+    controller_volumes = {v["name"]: v for v in pod_spec(rendered.controller)["volumes"]}
+    test_volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    shared = [m for m in driver["volumeMounts"] if m["name"] not in {"socket-dir", "state", "tmp"}]
+    assert shared and all(m in check["volumeMounts"] for m in shared)
+    assert all(test_volumes[m["name"]] == controller_volumes[m["name"]] for m in shared)
+    assert check["securityContext"] == driver["securityContext"]
+    assert pod["spec"]["securityContext"] == pod_spec(rendered.controller)["securityContext"]
+
+
+def driver_settings(obj: dict[str, Any], rendered: Rendered, workdir: Path):
+    """Settings the driver container of ``obj`` would start with, loaded by the driver's own loader."""
+    c = pod_spec(obj)["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+    # Lay out the files of the ConfigMap and Secret volumes as kubelet would, under workdir.
+    secrets = {s["metadata"]["name"]: s for s in rendered.all("Secret")}
+    paths: dict[str, Path] = {}
+    for name, mount_path in mounts.items():
+        volume = volumes[name]
+        if "configMap" in volume:
+            data = rendered.one("ConfigMap", volume["configMap"]["name"])["data"]
+        elif "secret" in volume and volume["secret"]["secretName"] in secrets:
+            secret = secrets[volume["secret"]["secretName"]]
+            data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        else:
+            continue  # host paths, scratch space, Secrets the user creates (a ceph.conf)
+        # kubelet's layout: the keys are links through "..data" to a timestamped directory.
+        target = workdir / name
+        (target / "..2025_01_01_00_00_00.1").mkdir(parents=True)
+        (target / "..data").symlink_to("..2025_01_01_00_00_00.1")
+        for key, value in data.items():
+            (target / "..data" / key).write_text(value)
+            (target / key).symlink_to(f"..data/{key}")
+        paths[mount_path] = target
+    env = {}
+    for e in c["env"]:
+        if "value" in e:
+            value = e["value"]
+            for mount_path, target in paths.items():
+                value = value.replace(mount_path, str(target))
+            env[e["name"]] = value
+        elif "fieldRef" in e["valueFrom"]:
+            assert e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+            env[e["name"]] = "worker-1"
+        else:
+            assert e["name"] == "MBS_CSI_DATABASE" and "secretKeyRef" in e["valueFrom"]
+            env[e["name"]] = "postgresql://mbs:chart-db-pa55@db.example.com/mbs"
+    return load_settings(env=env), env
+
+
+def test_driver_accepts_the_rendered_configuration(rendered: Rendered, tmp_path: Path):
+    values_backends = yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])["backends"]
+    (tmp_path / "controller").mkdir()
+    settings, env = driver_settings(rendered.controller, rendered, tmp_path / "controller")
+    assert settings.role == "controller"
+    assert str(settings.endpoint) == "unix:///csi/csi.sock"
+    assert settings.driver_name == "mbs.csi.io"
+    assert settings.connector_store == "kubernetes"
+    assert settings.metrics_endpoint == "0.0.0.0:9810"
+    assert str(settings.state_dir) == "/var/lib/mbs-csi"
+    assert [b.name for b in settings.backends] == [b["name"] for b in values_backends]
+    assert settings.database.startswith("postgresql://") == ("MBS_CSI_DATABASE" in env)
+    secret = rendered.one("Secret", f"{RELEASE}-backend-options")
+    for key, value in (secret.get("data") or {}).items():
+        backend, _, option = key.rpartition(".")
+        sensitive = settings.backend(backend).driver_sensitive_options[option]
+        assert sensitive.reveal() == base64.b64decode(value).decode()
+
+    (tmp_path / "node").mkdir()
+    node, _ = driver_settings(rendered.node, rendered, tmp_path / "node")
+    assert node.role == "node" and node.node_id == "worker-1"
+    assert node.connector_store == "kubernetes" and node.driver_name == settings.driver_name
+    assert node.sensitive_options_dir is None and node.database.startswith("sqlite:")
+    assert all(not b.driver_sensitive_options for b in node.backends)
+
+    (tmp_path / "test").mkdir()
+    checked, _ = driver_settings(rendered.test_pod, rendered, tmp_path / "test")
+    assert [b.all_options() for b in checked.backends] == [b.all_options() for b in settings.backends]
+    assert checked.database == settings.database
+
+
+def test_iscsi_example_keeps_the_password_out_of_the_configmap(render):
+    rendered = render(CHART / "examples" / "iscsi-xtremio.yaml")
+    secret = rendered.one("Secret", f"{RELEASE}-backend-options")
+    assert base64.b64decode(secret["data"]["xtremio.san_password"]).decode() == "change-me"
+    config = yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])
+    assert config["backends"][0]["driver_options"] == {
+        "san_ip": "192.0.2.10",
+        "san_login": "admin",
+        "xtremio_cluster_name": "xtremio-cluster-1",
+    }
+    assert "change-me" not in yaml.safe_dump([d for d in rendered.docs if d["kind"] != "Secret"])
+
+
+def test_an_existing_options_secret_replaces_the_charts(render):
+    rendered = render(sets=("sensitiveOptions.existingSecret=array-passwords",))
+    assert rendered.all("Secret") == []
+    for obj in [rendered.controller, rendered.test_pod]:
+        volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+        assert volumes["backend-options"]["secret"]["secretName"] == "array-passwords"
+
+
+def test_loopback_example_runs_the_controller_as_root_with_the_host_dev(render):
+    rendered = render(CHART / "examples" / "loopback.yaml")
+    spec = pod_spec(rendered.controller)
+    assert spec["securityContext"]["runAsUser"] == 0 and "fsGroup" not in spec["securityContext"]
+    driver = container(rendered.controller, "mbs-csi")
+    assert driver["securityContext"]["privileged"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    dev = next(m for m in driver["volumeMounts"] if m["mountPath"] == "/dev")
+    assert volumes[dev["name"]]["hostPath"]["path"] == "/dev"
+    assert volumes["state"]["hostPath"]["path"] == "/var/lib/mbs-csi-controller"
+
+
+def test_controller_runs_as_non_root_by_default(render):
+    rendered = render()
+    security = pod_spec(rendered.controller)["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001 and security["fsGroup"] == 10001
+    for c in pod_spec(rendered.controller)["containers"]:
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_metrics_service_and_health_probes(render):
+    rendered = render()
+    ports = {p["name"]: p["port"] for p in rendered.one("Service")["spec"]["ports"]}
+    assert ports == {
+        "metrics": 9810,
+        "prov-metrics": 9811,
+        "attach-metrics": 9812,
+        "snap-metrics": 9813,
+        "resize-metrics": 9814,
+    }
+    for name, port in [("csi-provisioner", 9811), ("csi-attacher", 9812), ("csi-resizer", 9814)]:
+        assert f"--http-endpoint=:{port}" in container(rendered.controller, name)["args"]
+    for obj, port in [(rendered.controller, 9808), (rendered.node, 9858)]:
+        assert f"--health-port={port}" in container(obj, "liveness-probe")["args"]
+        driver = container(obj, "mbs-csi")
+        assert driver["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+        assert {"name": "healthz", "containerPort": port} in driver["ports"]
+
+
+def test_snapshots_can_be_turned_off(render):
+    rendered = render(sets=("snapshots.enabled=false",))
+    assert "csi-snapshotter" not in {c["name"] for c in pod_spec(rendered.controller)["containers"]}
+    assert rendered.all("VolumeSnapshotClass") == []
+    assert not any(r["metadata"]["name"].endswith("-snapshotter") for r in rendered.all("ClusterRole"))
+
+
+# --- the check itself: it fails when it should, and behaves as helm does -----------------------------
+
+
+def test_a_missing_required_value_fails_the_render(render, tmp_path: Path):
+    values = tmp_path / "values.yaml"
+    values.write_text("backends:\n  - volume_driver: cinder.volume.drivers.rbd.RBDDriver\n")
+    with pytest.raises(RenderError, match="every entry of backends needs a name"):
+        render(values, strict=False)
+
+
+def test_strict_mode_catches_a_misspelt_value(render, tmp_path: Path):
+    chart = tmp_path / "mbs-csi"
+    shutil.copytree(CHART, chart)
+    template = chart / "templates" / "controller-deployment.yaml"
+    template.write_text(template.read_text().replace(".Values.controller.healthPort", ".Values.controller.healtPort"))
+    # helm (not strict) renders the typo silently: the driver's health port comes out empty...
+    lenient = render(chart=chart, strict=False)
+    assert {"name": "healthz", "containerPort": None} in container(lenient.controller, "mbs-csi")["ports"]
+    # ...which the tests' strict mode refuses.
+    with pytest.raises(RenderError, match="healtPort"):
+        render(chart=chart)
+
+
+@pytest.fixture
+def tiny_chart(tmp_path: Path) -> Iterator[Path]:
+    chart = tmp_path / "tiny"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: tiny\nversion: 1.2.3\nappVersion: '4.5'\n")
+    (chart / "values.yaml").write_text("a: {b: 1, c: keep, d: drop}\nnum: 2\nlist: [p, q]\n")
+    (chart / "templates" / "_helpers.tpl").write_text('{{- define "tiny.name" -}}{{ .Chart.Name }}-x{{- end }}')
+    (chart / "templates" / "cm.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ include "tiny.name" . }}\n'
+        "  namespace: {{ .Release.Namespace }}\ndata:\n"
+        "  a: {{ toYaml .Values.a | quote }}\n"
+        "  num: {{ kindOf .Values.num | quote }}\n"
+        "  list: {{ toYaml .Values.list | quote }}\n"
+        '  chart: {{ printf "%s %s %s" .Chart.Version .Chart.AppVersion .Release.Service | quote }}\n'
+        "  template: {{ .Template.Name | quote }}\n"
+    )
+    (chart / "templates" / "NOTES.txt").write_text("notes are rendered, not printed\n")
+    yield chart
+
+
+def test_renderer_merges_values_like_helm(render, tiny_chart: Path, tmp_path: Path):
+    values = tmp_path / "v.yaml"
+    values.write_text("a: {c: changed, d: null}\nlist: [z]\n")
+    data = render(values, sets=("num=3", "a.e=true"), chart=tiny_chart).one("ConfigMap", "tiny-x")["data"]
+    assert yaml.safe_load(data["a"]) == {"b": 1, "c": "changed", "e": True}
+    assert data["num"] == "int64"  # --set types integers; values files give float64, as in helm
+    assert yaml.safe_load(data["list"]) == ["z"]
+    assert data["chart"] == "1.2.3 4.5 Helm"
+    assert data["template"] == "tiny/templates/cm.yaml"
+    assert render(chart=tiny_chart).one("ConfigMap")["data"]["num"] == "float64"
+
+
+def test_values_are_documented_key_by_key():
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    previous = ""
+    for number, line in enumerate(lines, 1):
+        if re.match(r"^\s*[A-Za-z0-9_.-]+:", line):
+            assert previous.lstrip().startswith("#"), f"values.yaml:{number}: no comment above {line.strip()}"
+        if line.strip():
+            previous = line
