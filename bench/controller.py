@@ -75,40 +75,68 @@ def csi_cycles(stub, kind: str, count: int, concurrency: int) -> dict:
     return {"timings": timings, "wall": wall, "cycles": count}
 
 
+class RawCinderlibCrashed(RuntimeError):
+    pass
+
+
 class RawCinderlib:
     """The baseline process (``bench.raw_cinderlib``), kept running so that its runs interleave with
-    mbs-csi's: both sides then see the same machine and the same state of the backend."""
+    mbs-csi's: both sides then see the same machine and the same state of the backend.
+
+    Raw cinderlib with many green threads on librbd in one process sometimes dies in librbd itself (a
+    segfault, or the assertion ``AsyncOpTracker m_pending_ops == 0``), with no Python error. Such a run
+    is started again, up to ``RESTARTS`` times, and the crashes are counted in the report."""
+
+    RESTARTS = 3
 
     def __init__(self, backend: dict, workdir: Path, warmup_concurrency: int, database: str | None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.raw_cinderlib"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        self._ask(
-            {
-                "database": database or f"sqlite:///{workdir}/raw.sqlite",
-                "locks": str(workdir),
-                "state": str(workdir),
-                "name": backend["name"],
-                "volume_driver": backend["volume_driver"],
-                "options": backend["driver_options"],
-                "concurrency": warmup_concurrency,
-            }
-        )
+        self.setup = {
+            "database": database or f"sqlite:///{workdir}/raw.sqlite",
+            "locks": str(workdir),
+            "state": str(workdir),
+            "name": backend["name"],
+            "volume_driver": backend["volume_driver"],
+            "options": backend["driver_options"],
+            "concurrency": warmup_concurrency,
+        }
+        self.crashes = 0
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        for _ in range(self.RESTARTS + 1):
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench.raw_cinderlib"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+            )
+            try:
+                self._ask(self.setup)
+                return self.process
+            except RawCinderlibCrashed:
+                self.crashes += 1
+        raise RuntimeError(f"bench.raw_cinderlib crashed {self.crashes} times while starting")
 
     def _ask(self, message: dict) -> dict:
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(message) + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass
         for line in self.process.stdout:
             if line.startswith("{"):  # anything else is a driver printing on stdout
                 return json.loads(line)
-        raise RuntimeError(f"bench.raw_cinderlib exited with {self.process.wait()}")
+        raise RawCinderlibCrashed(f"bench.raw_cinderlib exited with {self.process.wait()}")
 
     def cycles(self, kind: str, count: int, concurrency: int) -> dict:
+        for _ in range(self.RESTARTS):
+            try:
+                return self._ask({"kind": kind, "count": count, "concurrency": concurrency})
+            except RawCinderlibCrashed:
+                self.crashes += 1
+                self._start()
         return self._ask({"kind": kind, "count": count, "concurrency": concurrency})
 
     def close(self) -> None:
@@ -128,7 +156,7 @@ def merged(runs: list[dict]) -> dict:
 
 def bench_backend(
     backend: dict, concurrency: list[int], counts: dict[int, int], workers: int, rounds: int, postgres=None
-) -> dict:
+) -> tuple[dict, int]:
     """Both sides on SQLite files, or on two fresh databases of ``postgres`` (a PostgresCluster).
 
     Each measurement alternates the two sides ``rounds`` times, mbs-csi first, so that drift in the
@@ -136,6 +164,7 @@ def bench_backend(
     new_db = (lambda: postgres.new_database(f"bench_{uuid.uuid4().hex[:8]}")) if postgres else (lambda: None)
     ctl = ControllerUnderTest(new_db(), extra={"backend_workers": workers}, backends=[backend])
     raw = None
+    crashes = 0
     try:
         deadline = time.monotonic() + 180
         while len(ctl.ready_worker_pids()) < workers and time.monotonic() < deadline:
@@ -153,9 +182,10 @@ def bench_backend(
                 results[f"{kind}/{c}"] = {impl: summarize(merged(r)) for impl, r in runs.items()}
     finally:
         if raw is not None:
+            crashes = raw.crashes
             raw.close()
         ctl.close()
-    return results
+    return results, crashes
 
 
 def ratios(results: dict, concurrency: list[int]) -> dict:
@@ -264,10 +294,12 @@ def main() -> int:
                 }
             else:
                 parser.error(f"unknown backend {name}")
-            results = bench_backend(backend, concurrency, counts, args.backend_workers, rounds, postgres)
+            results, crashes = bench_backend(backend, concurrency, counts, args.backend_workers, rounds, postgres)
             derived = ratios(results, concurrency)
-            report["backends"][name] = {"results": results, "derived": derived}
+            report["backends"][name] = {"results": results, "derived": derived, "raw_cinderlib_crashes": crashes}
             print(table(name, results, derived), flush=True)
+            if crashes:
+                print(f"raw cinderlib crashed {crashes} time(s) in librbd and was restarted", flush=True)
     finally:
         for cleanup in cleanups:
             cleanup()

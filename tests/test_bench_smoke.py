@@ -38,6 +38,7 @@ def test_controller_benchmark_runs_and_reports_ratios(tmp_path):
             assert row[impl]["cycles_per_s"] > 0 and row[impl]["create_median_ms"] > 0
     assert loopback["derived"]["volume/1"]["create_ratio"] > 0
     assert {"mbs_csi", "raw_cinderlib"} <= set(loopback["derived"]["snapshot/scaling"])
+    assert loopback["raw_cinderlib_crashes"] >= 0
 
 
 def test_node_benchmark_runs_and_reports_its_figures(tmp_path):
