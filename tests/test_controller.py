@@ -576,3 +576,25 @@ def test_a_fresh_start_of_several_workers_migrates_once_without_errors():
         assert " ERROR " not in ctl.driver.log()
     finally:
         ctl.close()
+
+
+def test_a_signal_to_the_whole_process_group_leaves_the_workers_to_the_drain():
+    """Ctrl-C in a terminal signals every process of the group: the workers must not die mid-call (and be
+    needlessly replaced) while the front drains; the front stops them when it is done."""
+    ctl = ControllerUnderTest(None)
+    try:
+        wait_for(lambda: len(ctl.ready_worker_pids()) == 2)
+        workers = ctl.ready_worker_pids()
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert ctl.worker_pids() == workers  # still the same, still running
+        delete(ctl, create(ctl).volume_id)
+        assert ctl.driver is not None
+        assert ctl.driver.stop() == 0
+        log = ctl.driver.log()
+        assert "replaced" not in log and "received SIGTERM: draining" in log
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    finally:
+        ctl.close()

@@ -15,6 +15,7 @@ not mix with gRPC's server: hence a process of its own, and the gRPC front never
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from multiprocessing.connection import Connection
 from typing import Any
@@ -63,5 +64,12 @@ def serve(conn: Connection) -> int:
 
 
 def main() -> int:
-    """Entry point; the pool's boot line has already run ``eventlet.monkey_patch()``."""
+    """Entry point; the pool's boot line has already run ``eventlet.monkey_patch()``.
+
+    SIGINT and SIGTERM are ignored: a Ctrl-C in a terminal, or a signal to the whole process group, must
+    not kill a worker in the middle of a backend call while the front drains. The front stops a worker
+    by closing its socket, and a worker whose front is gone reads EOF and exits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return serve(Connection(int(sys.argv[1])))
