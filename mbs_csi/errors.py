@@ -97,6 +97,12 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
 }
 
 
+def database_reason(exc: BaseException) -> str:
+    """The first line of what a database driver said (SQLAlchemy wraps it as ``orig``), or the type."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def register(cls: type[BaseException], code: grpc.StatusCode) -> None:
     """Add a row to the table for an exception class of a module that cannot import this one (the node's
     mount helpers use only the standard library); registered where that module is wired in."""

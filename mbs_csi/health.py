@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mbs_csi import secrets
+from mbs_csi import errors, secrets
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ class DatabaseReachable:
             else:
                 self._check_sqlalchemy()
         except Exception as exc:  # any driver error means "not reachable"; say which and why
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0:1] or [type(exc).__name__]
-            return f"database {secrets.redact_url(self.url)} is not reachable: {reason[0]}"
+            return f"database {secrets.redact_url(self.url)} is not reachable: {errors.database_reason(exc)}"
         return None
 
     def _check_sqlite(self, path: str) -> None:

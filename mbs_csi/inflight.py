@@ -44,8 +44,7 @@ class DatabaseLocks:
         try:
             connection: Any = self._engine.connect()
         except Exception as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1] or [type(exc).__name__]
-            raise errors.Unavailable(f"cannot lock in database {self._url}: {reason[0]}") from None
+            raise errors.Unavailable(f"cannot lock in database {self._url}: {errors.database_reason(exc)}") from None
         try:
             wanted = [("pg_try_advisory_lock", k) for k in sorted(exclusive)]
             wanted += [("pg_try_advisory_lock_shared", k) for k in sorted(shared)]
