@@ -54,5 +54,7 @@ def test_node_benchmark_runs_and_reports_its_figures(tmp_path):
     for role in ("node", "controller"):
         assert report["startup"][role]["ready_s"] > 0 and report["startup"][role]["rss_mib"] > 0
     assert report["startup"]["controller"]["workers_rss_mib"] > 0
-    cycle = report["stage_publish_cycle"]
-    assert cycle["mbs_csi"]["median_ms"] > 0 and cycle["raw_commands"]["median_ms"] > 0 and cycle["ratio"] > 0
+    for kind in ("restage", "first_stage"):
+        cycle = report["stage_publish_cycle"][kind]
+        assert cycle["mbs_csi"]["median_ms"] > 0 and cycle["raw_commands"]["median_ms"] > 0 and cycle["ratio"] > 0
+    assert report["stage_publish_cycle"]["restage"]["system_calls"]["median_ms"] > 0

@@ -347,6 +347,28 @@ def test_a_filesystem_of_another_type_is_never_reformatted(cluster):
     vol.tear_down()
 
 
+def test_a_device_with_only_a_partition_table_is_refused_untouched(cluster):
+    """No filesystem, but not blank either: staging refuses it and writes nothing."""
+    wait_published_connector(cluster)
+    vol = Volume(cluster, mount_cap("ext4"))
+    vol.publish_controller()
+    mbr = bytearray(512)
+    mbr[446 + 4] = 0x83  # one Linux partition, sectors 2048..6143
+    mbr[446 + 8 : 446 + 16] = (2048).to_bytes(4, "little") + (4096).to_bytes(4, "little")
+    mbr[510:512] = b"\x55\xaa"
+    device = vol.context["device_path"]
+    with open(device, "r+b") as f:
+        f.write(mbr)
+    error = rpc_error(vol.stage)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "carries a signature (partition table or similar) but no filesystem" in error.details()
+    assert not mounted(vol.staging)
+    with open(device, "rb") as f:
+        assert f.read(512) == bytes(mbr) and f.read(1 << 20) == bytes(1 << 20)  # nothing else written
+    cluster.stub.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=vol.id, node_id=NODE))
+    cluster.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.id))
+
+
 def test_volume_mount_group_gives_the_pod_group_write_access(cluster):
     wait_published_connector(cluster)
     cap = mount_cap("ext4")

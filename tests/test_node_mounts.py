@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -213,15 +214,73 @@ def test_unmount_of_what_is_not_mounted_is_a_no_op(workdir: Path) -> None:
     mounts.unmount(str(workdir / "does-not-exist"))
 
 
-def test_mount_failure_reports_stderr(loop: str, workdir: Path) -> None:
+def test_mount_failure_says_why(loop: str, workdir: Path) -> None:
     target = new_dir(workdir, "mnt")
     with pytest.raises(MountError) as info:
         mounts.mount(loop, target, "xfs")  # blank device
     message = str(info.value)
     assert f"mounting {loop} on {target} failed" in message
-    assert "wrong fs type" in message and info.value.stderr in message
-    assert info.value.returncode == 32
+    assert "wrong filesystem type" in message and "dmesg" in message
+    assert info.value.errno == errno.EINVAL
     assert not mounts.is_mounted(target)
+
+
+def test_option_names_split_into_flags_and_filesystem_data() -> None:
+    flags, data = mounts.mount_options(["noatime,discard", "_netdev", "x-systemd.automount", "defaults", "ro", "rw"])
+    assert flags == mounts.MS_NOATIME  # a later "rw" clears an earlier "ro"
+    assert data == "discard"
+    assert mounts.mount_options(["nosuid", "nodev", "nouuid", "comment=x"]) == (
+        mounts.MS_NOSUID | mounts.MS_NODEV,
+        "nouuid",
+    )
+    assert mounts.mount_options([]) == (0, "")
+
+
+def test_fstab_only_options_never_reach_the_kernel(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "ext4")
+    target = new_dir(workdir, "mnt")
+    mounts.mount(loop, target, "ext4", options=["defaults", "_netdev", "nofail", "x-mbs.test=1", "noatime", "nodev"])
+    entry = mounts.find_mount(target)
+    assert entry is not None and {"noatime", "nodev"} <= set(entry.mount_options)
+    mounts.unmount(target)
+
+
+def test_unknown_filesystem_option_is_refused_and_nothing_is_mounted(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "ext4")
+    target = new_dir(workdir, "mnt")
+    with pytest.raises(MountError, match="bad option") as info:
+        mounts.mount(loop, target, "ext4", options=["mbs_no_such_option"])
+    assert info.value.errno == errno.EINVAL
+    assert not mounts.is_mounted(target)
+
+
+def test_write_protected_device_is_mounted_read_only(make_loop: Callable[..., tuple[str, Path]], workdir: Path) -> None:
+    """As mount(8) does: a device attached read-only (a read-only LUN, an RBD snapshot) mounts ro."""
+    loop, backing = make_loop()
+    mounts.format_device(loop, "ext4")
+    readonly_loop = run("losetup", "--read-only", "--find", "--show", str(backing)).strip()
+    target = new_dir(workdir, "mnt")
+    mounts.mount(readonly_loop, target, "ext4")
+    entry = mounts.find_mount(target)
+    assert entry is not None and entry.readonly and entry.source == readonly_loop
+    mounts.unmount(target)
+
+
+def test_unmount_of_a_busy_target_says_so(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "ext4")
+    target = new_dir(workdir, "mnt")
+    mounts.mount(loop, target, "ext4")
+    with open(os.path.join(target, "held"), "w"):
+        with pytest.raises(MountError, match="target is busy") as info:
+            mounts.unmount(target)
+        assert info.value.errno == errno.EBUSY and mounts.is_mounted(target)
+    mounts.unmount(target)
+    assert not mounts.is_mounted(target)
+
+
+def test_a_system_call_stuck_in_the_kernel_answers_after_the_timeout() -> None:
+    with pytest.raises(MountError, match=r"sleeping failed: still waiting in the kernel after 0.2 s"):
+        mounts._in_thread(lambda: time.sleep(3) or 0, "sleeping", timeout=0.2)
 
 
 def test_readonly_mount(loop: str, workdir: Path) -> None:
@@ -274,6 +333,21 @@ def test_readonly_bind_mount_refuses_writes(loop: str, workdir: Path) -> None:
     Path(staging, "x").write_text("the staging mount stays writable")
     assert Path(target, "x").read_text() == "the staging mount stays writable"
 
+    mounts.unmount(target)
+    mounts.unmount(staging)
+
+
+def test_readonly_bind_keeps_the_flags_it_inherited(loop: str, workdir: Path) -> None:
+    mounts.format_device(loop, "ext4")
+    staging = new_dir(workdir, "staging")
+    mounts.mount(loop, staging, "ext4", options=["nosuid", "noexec", "noatime"])
+    target = new_dir(workdir, "target")
+    mounts.mount(staging, target, bind=True, readonly=True)
+    entry = mounts.find_mount(target)
+    assert entry is not None and entry.readonly
+    assert {"nosuid", "noexec", "noatime"} <= set(entry.mount_options)
+    staged = mounts.find_mount(staging)
+    assert staged is not None and not staged.readonly
     mounts.unmount(target)
     mounts.unmount(staging)
 

@@ -1,8 +1,10 @@
 """Filesystem and mount helpers for the node plugin: probe, format, mount, bind, resize, stats.
 
-Every external command runs with a list argv (never a shell), ``LC_ALL=C``, stdin from /dev/null and a
-timeout; a failure raises :class:`MountError` naming what failed, the command and its (trimmed) stderr.
-This module imports only the standard library: the node role must start fast and stay small.
+Mounting and unmounting are system calls (mount(2), umount2(2)); probing, formatting and resizing run
+util-linux and the filesystems' tools. Every external command runs with a list argv (never a shell),
+``LC_ALL=C``, stdin from /dev/null and a timeout; a failure raises :class:`MountError` naming what
+failed, the command and its (trimmed) stderr, or for a system call the reason and the errno. This module
+imports only the standard library: the node role must start fast and stay small.
 
 Formatting is guarded: :func:`format_device` refuses a device that carries *any* signature blkid knows
 (filesystem, partition table, swap, LUKS, LVM, RAID member...), because ``mkfs.ext4`` itself overwrites an
@@ -12,10 +14,15 @@ existing filesystem without asking when stdin is not a terminal. Data is never r
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import logging
 import os
 import stat
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -42,6 +49,8 @@ MKFS_COMMANDS: dict[str, tuple[str, ...]] = {
 }
 SUPPORTED_FILESYSTEMS = frozenset(MKFS_COMMANDS)
 
+_LOG = logging.getLogger(__name__)
+
 # blkid exit codes (blkid(8)).
 _BLKID_NOTHING_FOUND = 2
 _BLKID_AMBIVALENT = 8
@@ -51,12 +60,28 @@ class MountError(Exception):
     """A filesystem or mount operation failed; the message says what and includes the command's stderr."""
 
     def __init__(
-        self, message: str, *, command: Sequence[str] = (), returncode: int | None = None, stderr: str = ""
+        self,
+        message: str,
+        *,
+        command: Sequence[str] = (),
+        returncode: int | None = None,
+        stderr: str = "",
+        errno: int | None = None,
     ) -> None:
         super().__init__(message)
         self.command = tuple(command)
         self.returncode = returncode
         self.stderr = stderr
+        self.errno = errno  # set when a system call failed (mount, umount)
+
+
+class NotBlankError(MountError):
+    """:func:`format_device` refused a device that is not blank; ``filesystem`` is what blkid found on it."""
+
+    def __init__(self, device: str, fs_type: str, filesystem: str | None, partition_table: str | None) -> None:
+        found = filesystem or (f"partition table {partition_table}" if partition_table else "data")
+        super().__init__(f"refusing to format {device} as {fs_type}: it already carries {found}")
+        self.filesystem = filesystem
 
 
 class FilesystemStats(TypedDict):
@@ -223,15 +248,14 @@ def block_device_size(device: str, *, timeout: float = QUICK_TIMEOUT) -> int:
 def format_device(device: str, fs_type: str, *, timeout: float = MKFS_TIMEOUT) -> None:
     """Make a ``fs_type`` filesystem on ``device``, which must be blank.
 
-    Raises ValueError for a filesystem other than ext4, xfs or btrfs, and MountError when the device
-    carries any signature (nothing is written then) or mkfs fails.
+    Raises ValueError for a filesystem other than ext4, xfs or btrfs, :class:`NotBlankError` when the
+    device carries any signature (nothing is written then), and MountError when probing or mkfs fails.
     """
     if fs_type not in MKFS_COMMANDS:
         raise ValueError(f"unsupported filesystem {fs_type!r}: use one of {', '.join(sorted(MKFS_COMMANDS))}")
     values = probe(device)  # raises on an ambivalent result: several signatures
     if any(values.get(key) for key in ("TYPE", "PTTYPE", "USAGE")):
-        found = values.get("TYPE") or (f"partition table {values['PTTYPE']}" if values.get("PTTYPE") else "data")
-        raise MountError(f"refusing to format {device} as {fs_type}: it already carries {found}")
+        raise NotBlankError(device, fs_type, values.get("TYPE") or None, values.get("PTTYPE") or None)
     _run([*MKFS_COMMANDS[fs_type], device], f"formatting {device} as {fs_type}", timeout)
 
 
@@ -369,6 +393,167 @@ def mounted_device(target: str) -> str | None:
 
 
 # --- mount and unmount -------------------------------------------------------------------------------
+#
+# Mounts and unmounts are mount(2) and umount2(2) calls, not mount(8) and umount(8) processes: a node
+# stages and publishes on every pod start, and a fork and exec of util-linux costs more than the whole
+# kernel call. The filesystems are ext4, xfs and btrfs only, which need no mount helper. mount(8)'s
+# option handling is kept: the per-mount flags by name, fstab-only options dropped, everything else
+# passed to the filesystem, and a write-protected device mounted read-only with a warning.
+
+# Kernel mount flags (<linux/mount.h>).
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_SILENT = 32768
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+
+# Option name -> (flag, True to set it / False to clear it), the names mount(8) knows.
+_FLAG_OPTIONS: dict[str, tuple[int, bool]] = {
+    "ro": (MS_RDONLY, True),
+    "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True),
+    "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True),
+    "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True),
+    "exec": (MS_NOEXEC, False),
+    "sync": (MS_SYNCHRONOUS, True),
+    "async": (MS_SYNCHRONOUS, False),
+    "dirsync": (MS_DIRSYNC, True),
+    "mand": (MS_MANDLOCK, True),
+    "nomand": (MS_MANDLOCK, False),
+    "noatime": (MS_NOATIME, True),
+    "atime": (MS_NOATIME, False),
+    "nodiratime": (MS_NODIRATIME, True),
+    "diratime": (MS_NODIRATIME, False),
+    "relatime": (MS_RELATIME, True),
+    "norelatime": (MS_RELATIME, False),
+    "strictatime": (MS_STRICTATIME, True),
+    "nostrictatime": (MS_STRICTATIME, False),
+    "lazytime": (MS_LAZYTIME, True),
+    "nolazytime": (MS_LAZYTIME, False),
+    "nosymfollow": (MS_NOSYMFOLLOW, True),
+    "symfollow": (MS_NOSYMFOLLOW, False),
+    "silent": (MS_SILENT, True),
+    "loud": (MS_SILENT, False),
+}
+# Options that mean something to mount(8) and fstab only: the kernel must never see them.
+_USERSPACE_OPTIONS = frozenset(
+    {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail", "_netdev"}
+)
+_USERSPACE_PREFIXES = ("x-", "X-", "comment=", "helper=", "uhelper=")
+
+# The per-mount flags statvfs(3) reports, as mount flags: what a bind remount must keep.
+_STATVFS_FLAGS = (
+    (os.ST_RDONLY, MS_RDONLY),
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_SYNCHRONOUS, MS_SYNCHRONOUS),
+    (os.ST_MANDLOCK, MS_MANDLOCK),
+    (os.ST_NOATIME, MS_NOATIME),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+    (os.ST_RELATIME, MS_RELATIME),
+)
+
+# What an errno from mount(2) or umount2(2) means here, in words a person can act on.
+_MOUNT_REASONS = {
+    errno.EINVAL: "wrong filesystem type, bad option or bad superblock (the kernel log, dmesg, says which)",
+    errno.ENODEV: "the kernel does not know this filesystem type",
+    errno.ENOTBLK: "the source is not a block device",
+    errno.ENXIO: "the device does not exist",
+    errno.ENOENT: "the source or the mount point does not exist",
+    errno.EBUSY: "the device is already mounted or busy",
+    errno.EPERM: "not allowed: mounting needs CAP_SYS_ADMIN",
+}
+_UNMOUNT_REASONS = {
+    errno.EBUSY: "target is busy (a process still has files open there)",
+    errno.EINVAL: "nothing is mounted there",
+    errno.EPERM: "not allowed: unmounting needs CAP_SYS_ADMIN",
+}
+
+
+def mount_options(options: Sequence[str]) -> tuple[int, str]:
+    """Split mount(8)-style option names into (mount flags, filesystem data), as mount(8) does.
+
+    Flag names (``ro``, ``nosuid``, ``noatime``...) become bits, later names overriding earlier ones;
+    fstab-only options (``defaults``, ``_netdev``, ``nofail``, ``x-*``...) are dropped; everything else
+    (``discard``, ``nouuid``, ``data=ordered``, ``context=...``) goes to the filesystem, comma-joined.
+    """
+    flags = 0
+    data: list[str] = []
+    for option in (o.strip() for o in ",".join(options).split(",")):
+        if not option or option in _USERSPACE_OPTIONS or option.startswith(_USERSPACE_PREFIXES):
+            continue
+        if option in _FLAG_OPTIONS:
+            bit, on = _FLAG_OPTIONS[option]
+            flags = flags | bit if on else flags & ~bit
+        else:
+            data.append(option)
+    return flags, ",".join(data)
+
+
+def _mount_flags_of(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        raise MountError(f"cannot read the mount flags of {path}: {exc.strerror}") from exc
+    return sum(ms for st_flag, ms in _STATVFS_FLAGS if st.f_flag & st_flag)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+    libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+    return libc
+
+
+def _encode(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def _in_thread(call: Callable[[], int], what: str, timeout: float) -> None:
+    """Run a mount system call, raising MountError(errno) on failure and after ``timeout`` seconds.
+
+    The call runs in a thread of its own so that a mount stuck in the kernel on dead storage (D state)
+    costs that thread only: the caller gets its answer after ``timeout`` and the thread is left behind.
+    """
+    outcome: list[int] = []
+
+    def run() -> None:
+        outcome.append(0 if call() == 0 else ctypes.get_errno())
+
+    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise MountError(f"{what} failed: still waiting in the kernel after {timeout:g} s")
+    if outcome[0]:
+        raise OSError(outcome[0], os.strerror(outcome[0]))
+
+
+def _mount_call(
+    what: str, source: str | None, target: str, fs_type: str | None, flags: int, data: str, timeout: float
+) -> None:
+    libc = _libc()
+    args = (_encode(source), _encode(target), _encode(fs_type), flags, _encode(data) if data else None)
+    try:
+        _in_thread(lambda: libc.mount(*args), what, timeout)
+    except OSError as exc:
+        reason = _MOUNT_REASONS.get(exc.errno, exc.strerror)
+        raise MountError(f"{what} failed: {reason} ({exc.strerror})", errno=exc.errno) from None
 
 
 def mount(
@@ -383,44 +568,54 @@ def mount(
 ) -> None:
     """Mount ``source`` (a device, or for ``bind`` a directory or device node) on ``target``.
 
-    Not idempotent by itself: mounting on a mount point stacks a second mount; callers check
-    :func:`is_mounted` first. For a bind mount ``fs_type`` is ignored, and read-only and ``options``
-    (per-mount flags: ``nosuid``, ``noexec``...) are applied by a second step,
-    ``mount -o remount,bind,ro,...`` (a plain ``mount --bind -o ro`` leaves the bind writable on older
-    util-linux/kernels); if that step fails the bind is undone. Note that a read-only mount does not stop
-    writes through a *device node*: the kernel checks read-only mounts for files and directories only.
+    ``options`` are mount(8)-style names (see :func:`mount_options`). Not idempotent by itself: mounting
+    on a mount point stacks a second mount; callers check :func:`is_mounted` first.
+
+    A filesystem mount that the device refuses as write-protected is made read-only instead, as
+    mount(8) does. For a bind mount ``fs_type`` and filesystem options are ignored; read-only and the
+    per-mount flags are applied by a second call (a bind remount, which keeps the flags the bind
+    inherited, such as ``nosuid``); if that call fails the bind is undone. Note that a read-only mount
+    does not stop writes through a *device node*: the kernel checks read-only mounts for files and
+    directories only.
     """
+    requested = [*options, *(["ro"] if readonly else [])]
+    flags, data = mount_options(requested)
     if bind:
-        _run(["mount", "--bind", source, target], f"bind-mounting {source} on {target}", timeout)
-        flags = [*(["ro"] if readonly else []), *options]
+        _mount_call(f"bind-mounting {source} on {target}", source, target, None, MS_BIND, "", timeout)
         if flags:
+            what = f"applying {','.join(requested)} to the bind mount on {target}"
             try:
-                _run(
-                    ["mount", "-o", ",".join(["remount", "bind", *flags]), target],
-                    f"applying {','.join(flags)} to the bind mount on {target}",
-                    timeout,
-                )
+                inherited = _mount_flags_of(target)
+                _mount_call(what, None, target, None, MS_REMOUNT | MS_BIND | inherited | flags, "", timeout)
             except MountError as exc:
                 try:
-                    _run(["umount", target], f"undoing the bind mount on {target}", timeout)
+                    unmount(target, timeout=timeout)
                 except MountError as undo:
-                    raise MountError(f"{exc}; then {undo}", command=exc.command, stderr=exc.stderr) from exc
+                    raise MountError(f"{exc}; then {undo}", errno=exc.errno) from exc
                 raise
         return
-    argv = ["mount"]
-    if fs_type:
-        argv += ["-t", fs_type]
-    flags = [*options, *(["ro"] if readonly else [])]
-    if flags:
-        argv += ["-o", ",".join(flags)]
-    _run([*argv, source, target], f"mounting {source} on {target}", timeout)
+    what = f"mounting {source} on {target}"
+    try:
+        _mount_call(what, source, target, fs_type, flags, data, timeout)
+    except MountError as exc:
+        if flags & MS_RDONLY or exc.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        _LOG.warning("%s is write-protected: mounting it read-only on %s", source, target)
+        _mount_call(what + " read-only", source, target, fs_type, flags | MS_RDONLY, data, timeout)
 
 
 def unmount(target: str, *, timeout: float = MOUNT_TIMEOUT) -> None:
     """Unmount the topmost mount at ``target``; a no-op when nothing is mounted there (or it does not exist)."""
     if not is_mounted(target):
         return
-    _run(["umount", target], f"unmounting {target}", timeout)
+    libc = _libc()
+    path = _encode(target)
+    what = f"unmounting {target}"
+    try:
+        _in_thread(lambda: libc.umount2(path, 0), what, timeout)
+    except OSError as exc:
+        reason = _UNMOUNT_REASONS.get(exc.errno, exc.strerror)
+        raise MountError(f"{what} failed: {reason} ({exc.strerror})", errno=exc.errno) from None
 
 
 # --- paths, ownership, statistics --------------------------------------------------------------------

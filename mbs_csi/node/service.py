@@ -138,8 +138,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """Mount the device's filesystem, formatting the device first only when it is blank.
 
         The mount is tried first: a volume staged before (every pod restart) mounts at once, without a
-        probe. A failed mount writes nothing to the device; only then is it probed, to tell a blank
-        device (formatted, then mounted) from one holding something else (refused, never formatted).
+        probe. A failed mount writes nothing to the device; only then does :func:`mounts.format_device`
+        probe it, formatting a blank device and refusing one that holds anything (never formatted).
         """
         mounts.ensure_dir(staging)
         options = _mount_options(fs_type, flags)
@@ -147,19 +147,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             mounts.mount(device, staging, fs_type=fs_type, options=options)
             return
         except mounts.MountError as mount_error:
-            found = mounts.filesystem_of(device)
-            if found == fs_type:
-                raise  # the right filesystem, but it does not mount: say why, touch nothing
-            if found is not None:
+            try:
+                mounts.format_device(device, fs_type)
+            except mounts.NotBlankError as not_blank:
+                if not_blank.filesystem == fs_type:
+                    raise mount_error from None  # the right filesystem, but it does not mount: say why
+                if not_blank.filesystem is not None:
+                    raise errors.FailedPrecondition(
+                        f"device {device} already holds a {not_blank.filesystem} filesystem, not {fs_type}; "
+                        "refusing to reformat it"
+                    ) from mount_error
                 raise errors.FailedPrecondition(
-                    f"device {device} already holds a {found} filesystem, not {fs_type}; refusing to reformat it"
+                    f"device {device} carries a signature (partition table or similar) but no filesystem; "
+                    "refusing to format it"
                 ) from mount_error
-        if mounts.has_signature(device):
-            raise errors.FailedPrecondition(
-                f"device {device} carries a signature (partition table or similar) but no filesystem; "
-                "refusing to format it"
-            )
-        mounts.format_device(device, fs_type)
         mounts.mount(device, staging, fs_type=fs_type, options=options)
 
     def _restage(self, existing: Attachment, request: Any, access_type: str, fs_type: str) -> Any:
