@@ -4,6 +4,8 @@ uses, the connection info of type rbd with its keyring kept out of publish_conte
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import grpc
 import pytest
@@ -119,3 +121,68 @@ def test_a_volume_held_open_by_another_client_answers_aborted_and_is_kept(ceph, 
         ceph_ctl.stub.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=volume.volume_id))
     ceph_ctl.stub.DeleteVolume(request)  # the CO's retry, once the other client let go
     assert image not in ceph.images()
+
+
+def admin_socket(ceph, daemon: str, *command: str):
+    """A command on a daemon's admin socket: it opens no client session of its own."""
+    out = subprocess.run(
+        ["ceph", "--conf", str(ceph.conf_path), "daemon", daemon, *command],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return json.loads(out.stdout)
+
+
+def cinder_client_addresses(ceph) -> list[str]:
+    """The addresses (``ip:port/nonce``) of the driver's open connections, as the monitor sees them."""
+    found = []
+    for session in admin_socket(ceph, "mon.a", "sessions"):
+        if session.get("entity_name") == f"client.{ceph.user}":
+            for addr in session["addrs"]["addrvec"]:
+                found.append(f"{addr['addr']}/{addr['nonce']}")
+    return found
+
+
+def test_workers_keep_their_ceph_connections_between_calls(ceph, ceph_ctl):
+    """Cinder's RBD driver connects for every operation; the workers hand a released connection to the
+    next one. The monitor counts every session that closes: a dozen calls close next to none."""
+    stub = ceph_ctl.stub
+    stub.DeleteVolume(
+        pb.DeleteVolumeRequest(volume_id=stub.CreateVolume(create_request("pvc-ceph-warm")).volume.volume_id)
+    )
+    closed_before = admin_socket(ceph, "mon.a", "perf", "dump")["mon"]["session_rm"]
+    for i in range(6):
+        volume = stub.CreateVolume(create_request(f"pvc-ceph-reuse-{i}")).volume
+        stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+    closed = admin_socket(ceph, "mon.a", "perf", "dump")["mon"]["session_rm"] - closed_before
+    # Without reuse each create and each delete opens and closes at least one: 12 or more.
+    assert closed < 6, f"{closed} monitor sessions closed during 6 create/delete cycles"
+    assert cinder_client_addresses(ceph), "no connection kept open"
+    assert ceph.images() == []
+
+
+def test_a_blocklisted_connection_is_replaced_without_failing_a_call(ceph, ceph_ctl):
+    """A kept connection can be blocklisted (``ceph osd blocklist``): its next call fails at once with
+    ESHUTDOWN. The call runs again on a new connection, so every request still succeeds."""
+    stub = ceph_ctl.stub
+    warm = [stub.CreateVolume(create_request(f"pvc-ceph-bl-warm-{i}")).volume for i in range(4)]
+    addresses = cinder_client_addresses(ceph)
+    assert addresses
+    for address in addresses:
+        ceph.ceph("osd", "blocklist", "add", address)
+    epoch = ceph.ceph_json("osd", "dump")["epoch"]
+    deadline = time.monotonic() + 30
+    while admin_socket(ceph, "osd.0", "status")["newest_map"] < epoch:  # the OSD enforces what its map says
+        assert time.monotonic() < deadline, "the OSD never saw the blocklist"
+        time.sleep(0.1)
+    try:
+        made = [stub.CreateVolume(create_request(f"pvc-ceph-bl-{i}")).volume for i in range(8)]
+        for volume in [*made, *warm]:
+            stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+        assert not set(addresses) & set(cinder_client_addresses(ceph)), "a blocklisted connection is still open"
+    finally:
+        ceph.ceph("osd", "blocklist", "clear")
+    assert ceph.images() == []
+    assert "trying again on a new one" in ceph_ctl.driver.log()

@@ -12,6 +12,7 @@ the storage holds under it before trying again: nothing is left on the storage w
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from cinder.db.sqlalchemy import api as cinder_db
 from cinderlib import objects
 
 from mbs_csi import errors, logs
+from mbs_csi.controller.rados_reuse import RadosConnections, reuse_connections
 from mbs_csi.controller.records import BackendSpec, SnapshotRecord, VolumeRecord, WorkerConfig
 
 log = logging.getLogger("mbs_csi.adapter")
@@ -89,6 +91,18 @@ def _library_busy(exc: Exception) -> bool:
     return type(exc).__name__ == "ImageBusy"
 
 
+def _connection_lost(exc: BaseException | None) -> bool:
+    """True when ``exc`` or an exception behind it says the storage connection was shut down (ESHUTDOWN:
+    a blocklisted Ceph client, for one); a new connection may well succeed."""
+    for _ in range(10):  # a chain can loop back on itself
+        if exc is None:
+            return False
+        if getattr(exc, "errno", None) == errno.ESHUTDOWN:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _translate(exc: Exception) -> errors.CSIError | None:
     """Our error for a cinder exception, or None to let it surface as an unexpected failure."""
     message = str(getattr(exc, "msg", None) or exc)
@@ -122,16 +136,19 @@ class Adapter:
             _tune_sqlite(self._engine)
         self.backends: dict[str, cinderlib.Backend] = {}
         self.backend_errors: dict[str, str | None] = {}
+        self._connections: dict[str, RadosConnections] = {}
         self._specs = {spec.name: spec for spec in config.backends}
         for spec in config.backends:
             self._init_backend(spec)
 
     def _init_backend(self, spec: BackendSpec) -> None:
         try:
-            self.backends[spec.name] = cinderlib.Backend(
-                volume_backend_name=spec.name, volume_driver=spec.volume_driver, **spec.options
-            )
+            backend = cinderlib.Backend(volume_backend_name=spec.name, volume_driver=spec.volume_driver, **spec.options)
+            self.backends[spec.name] = backend
             self.backend_errors[spec.name] = None
+            connections = reuse_connections(backend.driver)
+            if connections is not None:
+                self._connections[spec.name] = connections
         except Exception as exc:
             log.warning("backend %s failed to initialise: %s: %s", spec.name, type(exc).__name__, exc)
             self.backend_errors[spec.name] = f"{type(exc).__name__}: {exc}"
@@ -149,13 +166,21 @@ class Adapter:
         method: Callable[..., Any] | None = getattr(self, f"op_{operation}", None)
         if method is None:
             raise errors.Internal(f"unknown backend operation {operation!r}")
-        for delay in (*BUSY_RETRY_DELAYS, None):
+        busy_delays = iter(BUSY_RETRY_DELAYS)
+        reconnected = False
+        while True:  # every operation is idempotent: running it again is safe
             try:
                 return method(**kwargs)
             except errors.CSIError:
                 raise
             except Exception as exc:
-                if delay is not None and _library_busy(exc):  # every operation is idempotent: run it again
+                self.drop_idle_connections()  # whatever failed may have broken them
+                if not reconnected and _connection_lost(exc):
+                    log.info("%s: the storage connection was shut down (%s); trying again on a new one", operation, exc)
+                    reconnected = True
+                    continue
+                delay = next(busy_delays, None) if _library_busy(exc) else None
+                if delay is not None:
                     log.info("%s: the storage is busy (%s); trying again in %.1f s", operation, exc, delay)
                     time.sleep(delay)
                     continue
@@ -163,7 +188,11 @@ class Adapter:
                 if translated is None:
                     raise
                 raise translated from exc
-        raise AssertionError("unreachable")
+
+    def drop_idle_connections(self) -> None:
+        """Shut down the storage connections kept open between calls (see :mod:`rados_reuse`)."""
+        for connections in self._connections.values():
+            connections.drop_idle()
 
     # --- lookups ------------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ def serve(conn: Connection) -> int:
         try:
             request_id, operation, kwargs = conn.recv()
         except EOFError:  # the front closed its end: stop
+            adapter.drop_idle_connections()
             return 0
         token = logs.request_id.set(request_id)
         try:
