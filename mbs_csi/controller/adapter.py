@@ -236,10 +236,6 @@ class Adapter:
         snapshot = self._snapshot(snapshot_id)
         return snapshot_record(snapshot) if snapshot else None
 
-    def op_find_snapshot(self, name: str) -> SnapshotRecord | None:
-        found = self.persistence.get_snapshots(snapshot_name=name)
-        return snapshot_record(found[0]) if found else None
-
     def op_list_snapshots(self) -> list[SnapshotRecord]:
         return [snapshot_record(s) for s in self.persistence.get_snapshots()]
 
@@ -370,6 +366,8 @@ class Adapter:
     # --- snapshots ----------------------------------------------------------------------------------
 
     def op_create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
+        """Create (or finish creating) the snapshot called ``name`` of ``volume_id``; an available snapshot
+        of that name is returned as it is, whatever its volume, for the front to compare with the request."""
         leftovers = self.persistence.get_snapshots(snapshot_name=name) if self._named("snapshots", name) else []
         for leftover in leftovers:
             if leftover.status == "available":
@@ -381,7 +379,9 @@ class Adapter:
                 name,
             )
             self._destroy_snapshot(leftover)
-        volume = self._require_volume(volume_id)
+        volume = self._volume(volume_id)
+        if volume is None or volume.status not in USABLE:
+            raise errors.NotFound(f"volume {volume_id} does not exist")
         snapshot = objects.Snapshot(volume, name=name, status="creating")
         snapshot._ovo.created_at = _utcnow()
         snapshot.save()

@@ -363,16 +363,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         require(request.name, "name")
         require(request.source_volume_id, "source_volume_id")
         with self.inflight.hold(f"snapshot-name:{request.name}", shared=[f"volume:{request.source_volume_id}"]):
-            existing = self._call("find_snapshot", name=request.name)
-            if existing is not None and existing.status == "available":
-                if existing.volume_id != request.source_volume_id:
-                    raise errors.AlreadyExists(
-                        f"snapshot {request.name} already exists ({existing.id}) of another volume, "
-                        f"{existing.volume_id}"
-                    )
-                return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(existing))
-            self._volume(request.source_volume_id)
+            # One backend round trip: an available snapshot of that name is returned as it is, of any volume.
             record = self._call("create_snapshot", volume_id=request.source_volume_id, name=request.name)
+            if record.volume_id != request.source_volume_id:
+                raise errors.AlreadyExists(
+                    f"snapshot {request.name} already exists ({record.id}) of another volume, {record.volume_id}"
+                )
         return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(record))
 
     def DeleteSnapshot(self, request, context):
