@@ -48,7 +48,7 @@ class RadosConnections:
         self.max_idle = max_idle
         self._idle: dict[Key, list[tuple[Any, Any, float]]] = {}
         self._keys: dict[int, Key] = {}  # id(client) -> key, for the connections handed out
-        self.opened = 0  # new connections made, for tests and logs
+        self.opened = 0  # new connections made (the tests read it)
 
     def connect(
         self, pool: str | None = None, remote: dict | None = None, timeout: int | None = None
