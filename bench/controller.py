@@ -213,15 +213,17 @@ def ratios(results: dict, concurrency: list[int]) -> dict:
 def table(name: str, results: dict, derived: dict) -> str:
     lines = [
         f"\n{name}",
-        f"{'op/conc':<14}{'impl':<15}{'create med/p90 ms':>20}{'delete med/p90 ms':>20}{'cycles/s':>10}{'x raw':>8}",
+        f"{'op/conc':<14}{'impl':<15}{'create med/p90 ms':>20}{'delete med/p90 ms':>20}{'cycles/s':>10}"
+        f"{'x raw create/delete':>21}",
     ]
     for key, row in results.items():
         for impl in ("mbs_csi", "raw_cinderlib"):
             r = row[impl]
-            ratio = f"{derived[key]['create_ratio']:.2f}" if impl == "mbs_csi" else ""
+            row_ratios = derived[key]
+            ratio = f"{row_ratios['create_ratio']:.2f}/{row_ratios['delete_ratio']:.2f}" if impl == "mbs_csi" else ""
             lines.append(
                 f"{key:<14}{impl:<15}{r['create_median_ms']:>10.1f}/{r['create_p90_ms']:<9.1f}"
-                f"{r['delete_median_ms']:>10.1f}/{r['delete_p90_ms']:<9.1f}{r['cycles_per_s']:>10.1f}{ratio:>8}"
+                f"{r['delete_median_ms']:>10.1f}/{r['delete_p90_ms']:<9.1f}{r['cycles_per_s']:>10.1f}{ratio:>21}"
             )
     for kind in ("volume", "snapshot"):
         s = derived[f"{kind}/scaling"]

@@ -30,6 +30,7 @@ from cinderlib import objects
 from mbs_csi import errors, logs
 from mbs_csi.controller.rados_reuse import RadosConnections, reuse_connections
 from mbs_csi.controller.records import BackendSpec, SnapshotRecord, VolumeRecord, WorkerConfig
+from mbs_csi.controller.rows import Rows
 
 log = logging.getLogger("mbs_csi.adapter")
 
@@ -37,18 +38,6 @@ CONNECTOR_KEY = "connector:{node}"
 USABLE = ("available", "in-use")
 # Every replica names itself the same, so volume "host" fields do not depend on which one made them.
 CINDER_HOST = "mbs-csi"
-
-# Plain queries for the questions asked on every create and delete. cinderlib can only answer them by
-# loading whole objects (joins, lazy loads, one transaction each), which cost more than the database
-# write the call is about; cinder's schema is fixed by the pinned cinder release.
-_IDS_NAMED = {
-    table: sqlalchemy.text(f"SELECT id FROM {table} WHERE display_name = :name AND deleted = :deleted")
-    for table in ("volumes", "snapshots")
-}
-_DEPENDENTS = sqlalchemy.text(
-    "SELECT 'snapshot', id FROM snapshots WHERE volume_id = :id AND deleted = :deleted "
-    "UNION ALL SELECT 'node', attached_host FROM volume_attachment WHERE volume_id = :id AND deleted = :deleted"
-)
 
 
 def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
@@ -131,9 +120,10 @@ class Adapter:
         )
         logs.setup(config.log_level)  # cinderlib's setup installed oslo.log's handlers, which do not scrub
         self.persistence = cinderlib.Backend.persistence
-        self._engine = cinder_db.get_engine()
-        if self._engine.dialect.name == "sqlite":
-            _tune_sqlite(self._engine)
+        engine = cinder_db.get_engine()
+        if engine.dialect.name == "sqlite":
+            _tune_sqlite(engine)
+        self.rows = Rows(engine, self.persistence)
         self.backends: dict[str, cinderlib.Backend] = {}
         self.backend_errors: dict[str, str | None] = {}
         self._connections: dict[str, RadosConnections] = {}
@@ -196,33 +186,14 @@ class Adapter:
 
     # --- lookups ------------------------------------------------------------------------------------
 
-    def _volume(self, volume_id: str) -> objects.Volume | None:
-        found = self.persistence.get_volumes(volume_id=volume_id)
-        return found[0] if found else None
-
     def _require_volume(self, volume_id: str) -> objects.Volume:
-        volume = self._volume(volume_id)
+        volume = self.rows.volume(volume_id)
         if volume is None:
             raise errors.NotFound(f"volume {volume_id} does not exist")
         return volume
 
-    def _named(self, table: str, name: str) -> list[str]:
-        """Ids of the volumes or snapshots called ``name``."""
-        with self._engine.connect() as connection:
-            return [row[0] for row in connection.execute(_IDS_NAMED[table], {"name": name, "deleted": False})]
-
-    def _dependents(self, volume_id: str) -> tuple[list[str], list[str]]:
-        """(ids of the volume's snapshots, nodes it is published to)."""
-        with self._engine.connect() as connection:
-            rows = connection.execute(_DEPENDENTS, {"id": volume_id, "deleted": False}).all()
-        return [v for kind, v in rows if kind == "snapshot"], sorted({v for kind, v in rows if kind == "node"})
-
-    def _snapshot(self, snapshot_id: str) -> objects.Snapshot | None:
-        found = self.persistence.get_snapshots(snapshot_id=snapshot_id)
-        return found[0] if found else None
-
     def op_get_volume(self, volume_id: str) -> VolumeRecord | None:
-        volume = self._volume(volume_id)
+        volume = self.rows.volume(volume_id)
         return volume_record(volume) if volume else None
 
     def op_find_volume(self, name: str) -> VolumeRecord | None:
@@ -233,7 +204,7 @@ class Adapter:
         return [volume_record(v) for v in self.persistence.get_volumes()]
 
     def op_get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
-        snapshot = self._snapshot(snapshot_id)
+        snapshot = self.rows.snapshot(snapshot_id)
         return snapshot_record(snapshot) if snapshot else None
 
     def op_list_snapshots(self) -> list[SnapshotRecord]:
@@ -272,7 +243,7 @@ class Adapter:
     ) -> tuple[VolumeRecord, bool]:
         """Create (or finish creating) the volume called ``name``: (its record, True), or (the record of
         an existing usable volume of that name, False) for the front to compare with the request."""
-        leftovers = self.persistence.get_volumes(volume_name=name) if self._named("volumes", name) else []
+        leftovers = self.persistence.get_volumes(volume_name=name) if self.rows.ids_named("volumes", name) else []
         for leftover in leftovers:
             if leftover.status in USABLE:
                 return volume_record(leftover), False
@@ -287,7 +258,7 @@ class Adapter:
         fields: dict[str, Any] = {"name": name, "metadata": metadata, "status": "creating"}
         make: Callable[[], Any]
         if source_snapshot_id:
-            snapshot = self._snapshot(source_snapshot_id)
+            snapshot = self.rows.snapshot(source_snapshot_id)
             if snapshot is None:
                 raise errors.NotFound(f"source snapshot {source_snapshot_id} does not exist")
             self._check_same_backend(snapshot.backend.id, backend, "snapshot", source_snapshot_id)
@@ -303,13 +274,9 @@ class Adapter:
             make = partial(target.driver.create_volume, volume._ovo)
 
         volume._ovo.created_at = _utcnow()
-        volume.save()  # recorded before the storage is touched: see the module docstring
+        self.rows.insert(volume)  # recorded before the storage is touched: see the module docstring
         try:
-            model_update = make()
-            if model_update:
-                volume._ovo.update(model_update)
-            volume._ovo.status = "available"
-            volume.save()
+            self.rows.mark_available(volume, make())
             if volume.size < size_gib:  # a copy is as big as its source: grow it to what was asked
                 volume.extend(size_gib)
         except Exception:
@@ -342,10 +309,10 @@ class Adapter:
         forget(resource)
 
     def _destroy_volume(self, volume: objects.Volume) -> None:
-        self._destroy(volume, volume.backend.driver.delete_volume, self.persistence.delete_volume)
+        self._destroy(volume, volume.backend.driver.delete_volume, self.rows.forget)
 
     def op_delete_volume(self, volume_id: str) -> None:
-        snapshot_ids, nodes = self._dependents(volume_id)
+        snapshot_ids, nodes = self.rows.dependents(volume_id)
         if snapshot_ids:
             ids = ", ".join(sorted(snapshot_ids))
             raise errors.FailedPrecondition(f"volume {volume_id} still has snapshots: {ids}; delete them first")
@@ -353,7 +320,7 @@ class Adapter:
             raise errors.FailedPrecondition(
                 f"volume {volume_id} is still published to node(s) {', '.join(nodes)}; unpublish it first"
             )
-        volume = self._volume(volume_id)
+        volume = self.rows.volume(volume_id)
         if volume is not None:
             self._destroy_volume(volume)
 
@@ -368,7 +335,7 @@ class Adapter:
     def op_create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
         """Create (or finish creating) the snapshot called ``name`` of ``volume_id``; an available snapshot
         of that name is returned as it is, whatever its volume, for the front to compare with the request."""
-        leftovers = self.persistence.get_snapshots(snapshot_name=name) if self._named("snapshots", name) else []
+        leftovers = self.persistence.get_snapshots(snapshot_name=name) if self.rows.ids_named("snapshots", name) else []
         for leftover in leftovers:
             if leftover.status == "available":
                 return snapshot_record(leftover)
@@ -379,28 +346,24 @@ class Adapter:
                 name,
             )
             self._destroy_snapshot(leftover)
-        volume = self._volume(volume_id)
+        volume = self.rows.volume(volume_id)
         if volume is None or volume.status not in USABLE:
             raise errors.NotFound(f"volume {volume_id} does not exist")
         snapshot = objects.Snapshot(volume, name=name, status="creating")
         snapshot._ovo.created_at = _utcnow()
-        snapshot.save()
+        self.rows.insert(snapshot)
         try:
-            model_update = volume.backend.driver.create_snapshot(snapshot._ovo)
-            if model_update:
-                snapshot._ovo.update(model_update)
-            snapshot._ovo.status = "available"
-            snapshot.save()
+            self.rows.mark_available(snapshot, volume.backend.driver.create_snapshot(snapshot._ovo))
         except Exception:
             self._destroy_snapshot(snapshot)
             raise
         return snapshot_record(snapshot)
 
     def _destroy_snapshot(self, snapshot: objects.Snapshot) -> None:
-        self._destroy(snapshot, snapshot.backend.driver.delete_snapshot, self.persistence.delete_snapshot)
+        self._destroy(snapshot, snapshot.backend.driver.delete_snapshot, self.rows.forget)
 
     def op_delete_snapshot(self, snapshot_id: str) -> None:
-        snapshot = self._snapshot(snapshot_id)
+        snapshot = self.rows.snapshot(snapshot_id)
         if snapshot is not None:
             self._destroy_snapshot(snapshot)
 
@@ -428,7 +391,7 @@ class Adapter:
         return connection.conn_info
 
     def op_disconnect(self, volume_id: str, node_id: str | None) -> None:
-        volume = self._volume(volume_id)
+        volume = self.rows.volume(volume_id)
         if volume is None:
             return
         for connection in list(volume.connections):
