@@ -8,8 +8,9 @@ Targets (issue 3): per-op time within 1.15x of raw cinderlib at concurrency 1; t
 16 at least 3x that at concurrency 1 on Ceph, or at least 0.9x raw cinderlib's own concurrent ceiling.
 
 On Ceph the raw side connects to the cluster for every operation, as Cinder's RBD driver does; mbs-csi's
-workers keep their connections between calls (mbs_csi.controller.rados_reuse), and the ratios include
-that difference.
+workers keep their connections between calls (mbs_csi.controller.rados_reuse). On SQLite the raw side
+runs with cinderlib's defaults (rollback journal, a connection per transaction), mbs-csi's workers with
+the write-ahead log and pooled connections. The ratios include those differences.
 """
 
 from __future__ import annotations

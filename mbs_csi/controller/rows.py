@@ -7,7 +7,8 @@ first evaluates itself against the session; a delete is an ORM bulk delete per t
 than the database work it does, and more than a loopback volume takes to make. Here:
 
 - a volume or snapshot is loaded from its own row alone; cinder's objects load the related rows
-  lazily, the first time something reads them;
+  lazily, the first time something reads them (all but the volume type, which cinder cannot load
+  under cinderlib: untyped volumes get cinderlib's default type, as cinderlib gives them);
 - a new volume or snapshot is inserted as cinder inserts it, without the read-back;
 - the status written once the storage made it is one UPDATE, when the driver's model update touches
   only plain columns;
@@ -101,6 +102,12 @@ class Rows:
         ovo = self._load(_KINDS[objects.Volume], volume_id)
         if ovo is None:
             return None
+        if ovo.volume_type_id != self._persistence.DEFAULT_TYPE.id:  # a typed volume: cinderlib loads its type
+            found = self._persistence.get_volumes(volume_id=volume_id)
+            return found[0] if found else None
+        # The type must be set: under cinderlib, cinder's lazy load of a volume type fails.
+        ovo.volume_type = self._persistence.DEFAULT_TYPE
+        ovo.obj_reset_changes(["volume_type"])
         return objects.Volume(ovo.host.split("@")[-1].split("#")[0], __ovo=ovo)  # host is "host@backend#pool"
 
     def snapshot(self, snapshot_id: str) -> objects.Snapshot | None:
