@@ -10,24 +10,15 @@ rebuilds exactly what the backend returned.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from mbs_csi import secrets
+from mbs_csi.secrets import is_secret_name
 
 PROTOCOL_KEY = "driver_volume_type"
 JSON_KEYS = "mbs.json_keys"
 SECRET_KEYS = "mbs.secret_keys"
-
-_SECRET_NAME = re.compile(
-    r"pass(word|wd|phrase)?$|password|keyring|token|credential|private|secret$|"
-    r"_secret|secret_key|(^|_)key$",
-    re.IGNORECASE,
-)
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))
+WITHHELD = "mbs.withheld"  # the value kept in the controller's database for a withheld entry
 
 
 def _holds_secret(value: Any) -> bool:
@@ -38,11 +29,22 @@ def _holds_secret(value: Any) -> bool:
     return isinstance(value, str) and secrets.scrub(value) != value
 
 
+def _withheld(key: str, value: Any) -> bool:
+    return is_secret_name(key) or value == WITHHELD or _holds_secret(value)
+
+
+def withhold_secrets(connection_info: dict[str, Any]) -> dict[str, Any]:
+    """``connection_info`` with every entry :func:`to_publish_context` withholds set to ``WITHHELD``: what
+    the controller's database keeps, so that a publish answered from it withholds the same keys."""
+    data = connection_info.get("data") or {}
+    return {**connection_info, "data": {key: WITHHELD if _withheld(key, v) else v for key, v in data.items()}}
+
+
 def to_publish_context(connection_info: dict[str, Any]) -> dict[str, str]:
     context = {PROTOCOL_KEY: str(connection_info.get(PROTOCOL_KEY, ""))}
     encoded, withheld = [], []
     for key, value in (connection_info.get("data") or {}).items():
-        if is_secret_name(key) or _holds_secret(value):
+        if _withheld(key, value):
             withheld.append(key)
         elif isinstance(value, str):
             context[key] = value

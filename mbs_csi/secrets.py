@@ -7,8 +7,11 @@ formatter and the error mapping can scrub it from any text on its way out, whate
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +19,12 @@ MASK = "***"
 # Shorter values are not scrubbed from free text: masking every "a" or "42" in a log line would make
 # logs unreadable while protecting nothing a guess would not find. Secret() still masks them in repr.
 MIN_SCRUB_LENGTH = 4
+
+_SECRET_NAME = re.compile(
+    r"pass(word|wd|phrase)?$|password|keyring|token|credential|private|secret$|"
+    r"_secret|secret_key|(^|_)key$",
+    re.IGNORECASE,
+)
 
 _lock = threading.Lock()
 _known: set[str] = set()
@@ -53,6 +62,11 @@ class Secret:
         return (Secret, (self._value,))
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether an option, connection info entry or setting called ``name`` holds a secret by its name."""
+    return bool(_SECRET_NAME.search(name))
+
+
 def register(value: str) -> None:
     """Remember ``value`` so that :func:`scrub` masks it wherever it shows up."""
     global _ordered
@@ -68,6 +82,23 @@ def register(value: str) -> None:
 def register_all(values: Iterable[str]) -> None:
     for value in values:
         register(value)
+
+
+def file_secrets(path: str) -> list[str]:
+    """The secret material in the file at ``path`` (a keyring, a private key), as it may show in a log:
+    the content as written and as Python and JSON quote it inside a printed structure, and the value of
+    each ``name = value`` line (a Ceph keyring's key). Nothing for an unreadable file: whoever needs it
+    reports why."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return []
+    found = [text, repr(text)[1:-1], json.dumps(text)[1:-1]]
+    for line in text.splitlines():
+        _, equals, value = line.partition("=")
+        if equals:
+            found.append(value.strip())
+    return found
 
 
 def scrub(text: str) -> str:

@@ -25,6 +25,7 @@ from mbs_csi.errors import EndpointError
 from mbs_csi.health import DatabaseReachable, Readiness, StateDirWritable
 from mbs_csi.identity import IdentityService
 from mbs_csi.interceptor import RpcInterceptor
+from mbs_csi.secrets import is_secret_name
 from mbs_csi.server_files import ATTACHMENTS_FILE
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ def worker_config(settings: Settings) -> WorkerConfig:
     """What the controller's backend workers need, secrets revealed for them (and listed for scrubbing)."""
     password = secrets.url_password(settings.database)
     sensitive = [s.reveal() for b in settings.backends for s in b.driver_sensitive_options.values()]
+    # Files named by secret-looking options (rbd_keyring_conf, san_private_key): drivers print what they
+    # read from them (Cinder's RBD driver logs its connection info, keyring included, at DEBUG).
+    for backend in settings.backends:
+        for option, value in backend.driver_options.items():
+            if is_secret_name(option) and isinstance(value, str) and os.path.isfile(value):
+                sensitive += secrets.file_secrets(value)
     return WorkerConfig(
         database=settings.database,
         state_dir=str(settings.state_dir),

@@ -15,9 +15,8 @@ from tests.controller_support import ControllerUnderTest, rpc_error
 from tests.csi_requests import GIB, create_request, mount_cap
 
 
-@pytest.fixture(scope="module")
-def ceph_ctl(ceph):
-    backend = {
+def rbd_backend(ceph) -> dict:
+    return {
         "name": "ceph",
         "volume_driver": "cinder.volume.drivers.rbd.RBDDriver",
         "driver_options": {
@@ -31,7 +30,11 @@ def ceph_ctl(ceph):
             "rados_connection_retries": 1,
         },
     }
-    ctl = ControllerUnderTest(None, backends=[backend])
+
+
+@pytest.fixture(scope="module")
+def ceph_ctl(ceph):
+    ctl = ControllerUnderTest(None, backends=[rbd_backend(ceph)])
     ctl.register_nodes("node-a")
     yield ctl
     ctl.close()
@@ -186,3 +189,35 @@ def test_a_blocklisted_connection_is_replaced_without_failing_a_call(ceph, ceph_
         ceph.ceph("osd", "blocklist", "clear")
     assert ceph.images() == []
     assert "trying again on a new one" in ceph_ctl.driver.log()
+
+
+def test_the_keyring_reaches_neither_the_database_nor_the_log(ceph):
+    """Cinder's RBD driver returns the keyring file's content in its connection info, which cinderlib
+    stores with the connection, and logs it at DEBUG."""
+    ctl = ControllerUnderTest(None, extra={"log_level": "DEBUG"}, backends=[rbd_backend(ceph)])
+    try:
+        ctl.register_nodes("node-a")
+        volume = ctl.stub.CreateVolume(create_request("pvc-ceph-keyring")).volume
+        request = pb.ControllerPublishVolumeRequest(
+            volume_id=volume.volume_id, node_id="node-a", volume_capability=mount_cap()
+        )
+        first = dict(ctl.stub.ControllerPublishVolume(request).publish_context)
+        log = ctl.driver.log()
+        assert "connection data" in log  # the driver's DEBUG line, with the keyring masked
+        assert ceph.key not in log
+
+        ctl.restart()  # the repeat is answered from what the database kept
+        again = dict(ctl.stub.ControllerPublishVolume(request).publish_context)
+        assert again == first and first["mbs.secret_keys"] == "keyring"
+        stored = b"".join(path.read_bytes() for path in ctl.state.glob("mbs-csi.sqlite*"))
+        assert ctl.settings.database.endswith("mbs-csi.sqlite") and b"volume_attachment" in stored
+        assert f"{ceph.pool}/volume-{volume.volume_id}".encode() in stored  # the connection info is kept...
+        assert ceph.key.encode() not in stored  # ...without the keyring
+
+        ctl.stub.ControllerUnpublishVolume(
+            pb.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id, node_id="node-a")
+        )
+        ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+    finally:
+        ctl.close()
+    assert ceph.images() == []

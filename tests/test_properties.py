@@ -9,7 +9,8 @@ from csi import csi_pb2 as pb
 from mbs_csi import errors
 from mbs_csi.controller.records import GIB
 from mbs_csi.controller.validate import fits, size_gib
-from mbs_csi.publish_context import from_publish_context, is_secret_name, to_publish_context
+from mbs_csi.publish_context import WITHHELD, from_publish_context, to_publish_context, withhold_secrets
+from mbs_csi.secrets import is_secret_name
 
 byte_counts = st.integers(min_value=0, max_value=64 * GIB)
 
@@ -46,3 +47,13 @@ def test_publish_context_round_trips_through_stage_secrets(data, protocol):
     withheld = [k for k in data if k not in context]
     assert all(is_secret_name(k) or k in context.get("mbs.secret_keys", "").split(",") for k in withheld)
     assert from_publish_context(context, {k: data[k] for k in withheld}) == info
+
+
+@given(data=st.dictionaries(names, json_values, max_size=8), protocol=st.sampled_from(["iscsi", "rbd", "local"]))
+def test_what_the_controller_stores_publishes_the_same_context_and_holds_no_withheld_value(data, protocol):
+    info = {"driver_volume_type": protocol, "data": data}
+    stored = withhold_secrets(info)
+    assert to_publish_context(stored) == to_publish_context(info)
+    withheld = set(to_publish_context(info).get("mbs.secret_keys", "").split(",")) - {""}
+    assert {k for k, v in stored["data"].items() if v == WITHHELD} == withheld
+    assert all(stored["data"][k] == v for k, v in data.items() if k not in withheld)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mbs_csi import secrets
-from mbs_csi.publish_context import from_publish_context, is_secret_name, to_publish_context
+from mbs_csi.publish_context import from_publish_context, to_publish_context
+from mbs_csi.secrets import is_secret_name
 
 CHAP_PASSWORD = "chap-pw-0123456789"
 secrets.register(CHAP_PASSWORD)

@@ -3,11 +3,13 @@ error paths that print the database URL or the backend definitions."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import pytest
 import yaml
 
-from mbs_csi import config
+from mbs_csi import config, secrets
 from tests.support import free_port, running_driver, short_tmpdir
 
 SAN_PASSWORD = "xtremio-Pa55w0rd!"
@@ -70,3 +72,34 @@ def test_a_bad_sensitive_value_is_described_not_echoed(tmp_path):
         assert "got a value of type dict" in str(exc)
     else:
         raise AssertionError("accepted a mapping as a password")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "secret"),
+    [
+        # A Ceph keyring: its key is a "name = value" line.
+        (
+            "ceph.client.cinder.keyring",
+            '[client.cinder]\n\tkey = AQBoZ2ZpbGUtc2VjcmV0LXRlc3Q9PQ==\n\tcaps mon = "profile rbd"\n',
+            "AQBoZ2ZpbGUtc2VjcmV0LXRlc3Q9PQ==",
+        ),
+        # A private key: no such line, so the content is masked whole, in each quoting.
+        (
+            "san.key",
+            "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC-file-secrets-test\n"
+            "-----END PRIVATE KEY-----\n",
+            "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC-file-secrets-test",
+        ),
+    ],
+)
+def test_a_secret_file_is_scrubbed_however_a_driver_prints_it(tmp_path, name, content, secret):
+    path = tmp_path / name
+    path.write_text(content)
+    secrets.register_all(secrets.file_secrets(str(path)))
+    # Cinder's RBD driver logs its connection info as a dict (repr); cinderlib stores it as JSON.
+    for printed in (f"connection data: { {'data': {'keyring': content}} }", json.dumps({"key": content}), content):
+        assert secret not in secrets.scrub(printed)
+
+
+def test_an_unreadable_secret_file_gives_nothing_to_scrub(tmp_path):
+    assert secrets.file_secrets(str(tmp_path / "missing.keyring")) == []

@@ -28,6 +28,7 @@ from cinder.db.sqlalchemy import api as cinder_db
 from cinderlib import objects
 
 from mbs_csi import errors, logs
+from mbs_csi.controller.persistence import SecretFreePersistence
 from mbs_csi.controller.rados_reuse import RadosConnections, reuse_connections
 from mbs_csi.controller.records import BackendSpec, SnapshotRecord, VolumeRecord, WorkerConfig
 from mbs_csi.controller.rows import Rows
@@ -112,7 +113,7 @@ class Adapter:
     def __init__(self, config: WorkerConfig) -> None:
         os.makedirs(os.path.join(config.state_dir, "locks"), exist_ok=True)
         cinderlib.setup(
-            persistence_config={"storage": "db", "connection": config.database},
+            persistence_config={"storage": SecretFreePersistence, "connection": config.database},
             file_locks_path=os.path.join(config.state_dir, "locks"),
             state_path=os.path.join(config.state_dir, "cinder"),
             disable_logs=False,

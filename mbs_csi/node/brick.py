@@ -42,7 +42,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from mbs_csi import errors, secrets
-from mbs_csi.publish_context import PROTOCOL_KEY, is_secret_name
+from mbs_csi.publish_context import PROTOCOL_KEY
+from mbs_csi.secrets import is_secret_name
 
 # os-brick's own default (os_brick.initiator.DEVICE_SCAN_ATTEMPTS_DEFAULT): how many times a connector
 # rescans for the device of a volume whose target it reached.

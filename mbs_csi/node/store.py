@@ -6,7 +6,7 @@ filesystem. NodeStageVolume writes the row after attaching; NodeUnstageVolume re
 ``disconnect_volume`` and then removes it; ``mbs-csi node attachments`` lists the rows.
 
 **No secrets on disk.** Connection info may hold a CHAP password or a Ceph keyring (merged in from the
-node-stage secrets). Every entry whose key looks secret (:func:`mbs_csi.publish_context.is_secret_name`,
+node-stage secrets). Every entry whose key looks secret (:func:`mbs_csi.secrets.is_secret_name`,
 at any depth) or whose string value holds a registered secret is dropped before a row is written, in
 ``connection_info``, ``device_info`` and ``extra`` alike; what :meth:`AttachmentStore.get` returns is that
 secret-free copy. ``disconnect_volume`` does not need the secrets (an iSCSI logout or a krbd unmap needs
@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mbs_csi import secrets
-from mbs_csi.publish_context import is_secret_name
 
 FILENAME = "attachments.sqlite"
 ACCESS_TYPES = ("mount", "block")
@@ -108,7 +107,7 @@ def without_secrets(value: Any) -> Any:
         return {
             key: without_secrets(item)
             for key, item in value.items()
-            if not is_secret_name(str(key)) and not (isinstance(item, str) and secrets.scrub(item) != item)
+            if not secrets.is_secret_name(str(key)) and not (isinstance(item, str) and secrets.scrub(item) != item)
         }
     if isinstance(value, list | tuple):
         return [without_secrets(item) for item in value if not (isinstance(item, str) and secrets.scrub(item) != item)]
