@@ -4,6 +4,7 @@ stage/publish again (data kept) -> expand -> stats -> tear down, leaving nothing
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
+from mbs_csi.node import mounts
 from tests.controller_support import ControllerUnderTest, rpc_error
 from tests.csi_requests import GIB, block_cap, create_request, mount_cap
 from tests.support import REPO
@@ -191,6 +193,44 @@ def test_block_volume_life(cluster):
     assert next(u for u in vol.stats().usage).total == 2 * GIB
     vol.tear_down()
     assert not cluster.volume_file(vol.id).exists()
+
+
+def test_a_read_only_block_publish_refuses_writes_and_leaves_other_publishes_writable(cluster):
+    wait_published_connector(cluster)
+    vol = Volume(cluster, block_cap())
+    vol.publish_controller()
+    vol.stage()
+    vol.publish()
+    with open(vol.target, "r+b") as device:
+        device.write(b"written before")
+    reader = cluster.workdir / f"pods/{vol.id[:8]}-reader/volume"
+    read_only = pb.NodePublishVolumeRequest(
+        volume_id=vol.id,
+        publish_context=vol.context,
+        staging_target_path=str(vol.staging),
+        target_path=str(reader),
+        volume_capability=vol.cap,
+        readonly=True,
+    )
+    for _ in range(2):  # a repeat finds the same view
+        cluster.node.NodePublishVolume(read_only)
+    view = mounts.mounted_device(str(reader))
+    assert view and view != mounts.mounted_device(str(vol.target))
+    with pytest.raises(OSError) as caught, open(reader, "r+b", buffering=0) as device:
+        device.write(b"overwritten")  # the kernel refuses the write (older ones refuse the open)
+    assert caught.value.errno in (errno.EPERM, errno.EROFS)
+    with open(reader, "rb") as device:
+        assert device.read(14) == b"written before"
+    with open(vol.target, "r+b") as device:  # the read-write publish is unchanged
+        device.write(b"written after!")
+    with open(reader, "rb") as device:
+        assert device.read(14) == b"written after!"
+
+    assert vol.expand(2) == 2 * GIB
+    assert mounts.block_device_size(view) == 2 * GIB  # the view follows the device
+    cluster.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vol.id, target_path=str(reader)))
+    vol.tear_down()
+    assert not Path(f"/sys/block/{Path(view).name}/loop/backing_file").exists()  # detached at unstage
 
 
 def test_read_only_publish(cluster):

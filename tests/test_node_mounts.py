@@ -500,12 +500,12 @@ def test_apply_group_on_a_mounted_volume(loop: str, workdir: Path) -> None:
 
 def test_commands_time_out_with_a_clear_error() -> None:
     with pytest.raises(MountError, match=r"sleeping failed: sleep 30 timed out after 0.2 s"):
-        mounts._run(["sleep", "30"], "sleeping", timeout=0.2)
+        mounts.run(["sleep", "30"], "sleeping", timeout=0.2)
 
 
 def test_missing_command_is_a_mount_error() -> None:
     with pytest.raises(MountError, match="cannot run mbs-no-such-command"):
-        mounts._run(["mbs-no-such-command"], "running", timeout=5)
+        mounts.run(["mbs-no-such-command"], "running", timeout=5)
 
 
 def test_parse_mountinfo_line_with_optional_fields_and_escapes() -> None:

@@ -127,7 +127,7 @@ def _trim(text: str) -> str:
     return text if len(text) <= _STDERR_LIMIT else "..." + text[-_STDERR_LIMIT:]
 
 
-def _run(
+def run(
     argv: Sequence[str], what: str, timeout: float, ok_codes: Sequence[int] = (0,)
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv``; return the result when its exit code is in ``ok_codes``, else raise MountError."""
@@ -192,7 +192,7 @@ def probe(device: str, *, timeout: float = QUICK_TIMEOUT) -> dict[str, str]:
     e.g. leftovers of an earlier filesystem): such a device is neither blank nor safely mountable.
     """
     argv = ["blkid", "-p", "-o", "export", device]
-    result = _run(argv, f"probing {device}", timeout, ok_codes=(0, _BLKID_NOTHING_FOUND, _BLKID_AMBIVALENT))
+    result = run(argv, f"probing {device}", timeout, ok_codes=(0, _BLKID_NOTHING_FOUND, _BLKID_AMBIVALENT))
     if result.returncode == _BLKID_AMBIVALENT:
         raise MountError(
             f"{device} carries several signatures (ambivalent probe result); inspect it with 'wipefs {device}': "
@@ -235,7 +235,7 @@ def has_signature(device: str, *, timeout: float = QUICK_TIMEOUT) -> bool:
 
 def block_device_size(device: str, *, timeout: float = QUICK_TIMEOUT) -> int:
     """Size of the block device in bytes (``blockdev --getsize64``)."""
-    result = _run(["blockdev", "--getsize64", device], f"reading the size of {device}", timeout)
+    result = run(["blockdev", "--getsize64", device], f"reading the size of {device}", timeout)
     try:
         return int(result.stdout.strip())
     except ValueError as exc:
@@ -256,7 +256,7 @@ def format_device(device: str, fs_type: str, *, timeout: float = MKFS_TIMEOUT) -
     values = probe(device)  # raises on an ambivalent result: several signatures
     if any(values.get(key) for key in ("TYPE", "PTTYPE", "USAGE")):
         raise NotBlankError(device, fs_type, values.get("TYPE") or None, values.get("PTTYPE") or None)
-    _run([*MKFS_COMMANDS[fs_type], device], f"formatting {device} as {fs_type}", timeout)
+    run([*MKFS_COMMANDS[fs_type], device], f"formatting {device} as {fs_type}", timeout)
 
 
 def resize_filesystem(device: str, mount_point: str, fs_type: str, *, timeout: float = RESIZE_TIMEOUT) -> None:
@@ -273,7 +273,7 @@ def resize_filesystem(device: str, mount_point: str, fs_type: str, *, timeout: f
     else:
         raise ValueError(f"unsupported filesystem {fs_type!r} for resize: use ext4, xfs or btrfs")
     try:
-        _run(argv, f"resizing the {fs_type} filesystem on {device} at {mount_point}", timeout)
+        run(argv, f"resizing the {fs_type} filesystem on {device} at {mount_point}", timeout)
     except MountError as exc:
         if argv[0] == "resize2fs" and "Permission denied" in exc.stderr:
             # The kernel refuses EXT4_IOC_RESIZE_FS with EPERM without CAP_SYS_RESOURCE.
@@ -532,10 +532,10 @@ def _in_thread(call: Callable[[], int], what: str, timeout: float) -> None:
     """
     outcome: list[int] = []
 
-    def run() -> None:
+    def call_and_keep_errno() -> None:
         outcome.append(0 if call() == 0 else ctypes.get_errno())
 
-    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker = threading.Thread(target=call_and_keep_errno, name=what, daemon=True)
     worker.start()
     worker.join(timeout)
     if not outcome:

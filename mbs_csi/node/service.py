@@ -15,7 +15,7 @@ from mbs_csi import capabilities, errors
 from mbs_csi.capabilities import require
 from mbs_csi.config import Settings
 from mbs_csi.inflight import InFlight
-from mbs_csi.node import brick, mounts
+from mbs_csi.node import brick, mounts, readonly_block
 from mbs_csi.node.store import Attachment, AttachmentStore
 from mbs_csi.publish_context import from_publish_context
 
@@ -189,6 +189,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if existing is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
             mounts.unmount(existing.staging_path)
+            if existing.access_type == "block":
+                readonly_block.release(existing.device_path)  # before the device they hold open
             brick.detach(existing.connection_info, existing.device_info)
             self.store.remove(existing.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
@@ -207,14 +209,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise errors.FailedPrecondition(
                     f"volume {request.volume_id} is not staged at {request.staging_target_path}; stage it first"
                 )
-            source = staged.staging_path if wants.type == "mount" else staged.device_path
             if mounts.is_mounted(request.target_path):
                 if not self._same_mount(request.target_path, staged):
                     raise errors.AlreadyExists(f"{request.target_path} is already mounted with something else")
                 return csi_pb2.NodePublishVolumeResponse()
             if wants.type == "mount":
+                source = staged.staging_path
                 mounts.ensure_dir(request.target_path)
-            else:
+            else:  # a read-only bind of a device node does not stop writes: see readonly_block
+                source = readonly_block.view(staged.device_path) if request.readonly else staged.device_path
                 mounts.ensure_file(request.target_path)
             flags = list(request.volume_capability.mount.mount_flags) if wants.type == "mount" else []
             mounts.mount(source, request.target_path, options=flags, bind=True, readonly=request.readonly)
@@ -228,7 +231,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     @staticmethod
     def _same_mount(target: str, staged: Attachment) -> bool:
-        return mounts.mounted_device(target) == os.path.realpath(staged.device_path)
+        device = mounts.mounted_device(target)
+        if device == os.path.realpath(staged.device_path):
+            return True
+        return staged.access_type == "block" and device in readonly_block.views(staged.device_path)
 
     def NodeUnpublishVolume(self, request, context):
         require(request.volume_id, "volume_id")
@@ -290,5 +296,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             brick.extend(staged.connection_info)  # rescans where the protocol needs it (iSCSI, FC...)
             if staged.access_type == "mount":
                 mounts.resize_filesystem(staged.device_path, staged.staging_path, staged.fs_type)
+            else:
+                readonly_block.refresh(staged.device_path)
             size = mounts.block_device_size(staged.device_path)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
