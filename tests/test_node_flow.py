@@ -233,6 +233,25 @@ def test_a_read_only_block_publish_refuses_writes_and_leaves_other_publishes_wri
     assert not Path(f"/sys/block/{Path(view).name}/loop/backing_file").exists()  # detached at unstage
 
 
+@pytest.mark.parametrize("cap", [mount_cap("ext4"), block_cap()], ids=["mount", "block"])
+def test_a_volume_the_controller_published_read_only_is_read_only_in_every_publish(cluster, cap):
+    wait_published_connector(cluster)
+    vol = Volume(cluster, cap, readonly=True)
+    vol.publish_controller()
+    assert vol.context["access_mode"] == "ro"
+    vol.stage()
+    vol.readonly = False  # the pod asks for nothing: the controller's publish decides
+    vol.publish()
+    with pytest.raises(OSError) as caught:
+        if cap.HasField("mount"):
+            (vol.target / "nope.txt").write_text("x")
+        else:
+            with open(vol.target, "r+b", buffering=0) as device:
+                device.write(b"overwritten")
+    assert caught.value.errno in (errno.EROFS, errno.EPERM)
+    vol.tear_down()
+
+
 def test_read_only_publish(cluster):
     wait_published_connector(cluster)
     vol = Volume(cluster, mount_cap("ext4"), readonly=True)

@@ -213,14 +213,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if not self._same_mount(request.target_path, staged):
                     raise errors.AlreadyExists(f"{request.target_path} is already mounted with something else")
                 return csi_pb2.NodePublishVolumeResponse()
+            # Read-only when this publish asks, or when the controller published the volume read-only.
+            readonly = request.readonly or staged.connection_info.get("data", {}).get("access_mode") == "ro"
             if wants.type == "mount":
                 source = staged.staging_path
                 mounts.ensure_dir(request.target_path)
             else:  # a read-only bind of a device node does not stop writes: see readonly_block
-                source = readonly_block.view(staged.device_path) if request.readonly else staged.device_path
+                source = readonly_block.view(staged.device_path) if readonly else staged.device_path
                 mounts.ensure_file(request.target_path)
             flags = list(request.volume_capability.mount.mount_flags) if wants.type == "mount" else []
-            mounts.mount(source, request.target_path, options=flags, bind=True, readonly=request.readonly)
+            mounts.mount(source, request.target_path, options=flags, bind=True, readonly=readonly)
             group = request.volume_capability.mount.volume_mount_group if wants.type == "mount" else ""
             if group:
                 if not group.isdigit():
