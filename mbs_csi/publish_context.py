@@ -13,7 +13,6 @@ import json
 from typing import Any
 
 from mbs_csi import secrets
-from mbs_csi.secrets import is_secret_name
 
 PROTOCOL_KEY = "driver_volume_type"
 JSON_KEYS = "mbs.json_keys"
@@ -23,14 +22,14 @@ WITHHELD = "mbs.withheld"  # the value kept in the controller's database for a w
 
 def _holds_secret(value: Any) -> bool:
     if isinstance(value, dict):
-        return any(is_secret_name(str(k)) or _holds_secret(v) for k, v in value.items())
+        return any(secrets.is_secret_name(str(k)) or _holds_secret(v) for k, v in value.items())
     if isinstance(value, list | tuple):
         return any(_holds_secret(v) for v in value)
     return isinstance(value, str) and secrets.scrub(value) != value
 
 
 def _withheld(key: str, value: Any) -> bool:
-    return is_secret_name(key) or value == WITHHELD or _holds_secret(value)
+    return secrets.is_secret_name(key) or value == WITHHELD or _holds_secret(value)
 
 
 def withhold_secrets(connection_info: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from mbs_csi.errors import EndpointError
 from mbs_csi.health import DatabaseReachable, Readiness, StateDirWritable
 from mbs_csi.identity import IdentityService
 from mbs_csi.interceptor import RpcInterceptor
-from mbs_csi.secrets import is_secret_name
 from mbs_csi.server_files import ATTACHMENTS_FILE
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
     # read from them (Cinder's RBD driver logs its connection info, keyring included, at DEBUG).
     for backend in settings.backends:
         for option, value in backend.driver_options.items():
-            if is_secret_name(option) and isinstance(value, str) and os.path.isfile(value):
+            if secrets.is_secret_name(option) and isinstance(value, str) and os.path.isfile(value):
                 sensitive += secrets.file_secrets(value)
     return WorkerConfig(
         database=settings.database,

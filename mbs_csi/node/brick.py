@@ -43,7 +43,6 @@ from typing import Any
 
 from mbs_csi import errors, secrets
 from mbs_csi.publish_context import PROTOCOL_KEY
-from mbs_csi.secrets import is_secret_name
 
 # os-brick's own default (os_brick.initiator.DEVICE_SCAN_ATTEMPTS_DEFAULT): how many times a connector
 # rescans for the device of a volume whose target it reached.
@@ -311,7 +310,7 @@ def extend(connection_info: Mapping[str, Any], *, multipath: bool = False) -> in
 def _secret_values(value: Any, secret: bool = False) -> list[str]:
     """Every string under a secret-looking key, at any depth."""
     if isinstance(value, Mapping):
-        return [s for k, v in value.items() for s in _secret_values(v, secret or is_secret_name(str(k)))]
+        return [s for k, v in value.items() for s in _secret_values(v, secret or secrets.is_secret_name(str(k)))]
     if isinstance(value, list | tuple):
         return [s for v in value for s in _secret_values(v, secret)]
     return [value] if secret and isinstance(value, str) and value else []
