@@ -77,27 +77,29 @@ class Volume:
             ).publish_context
         )
 
+    def stage_request(self, cap: pb.VolumeCapability | None = None) -> pb.NodeStageVolumeRequest:
+        return pb.NodeStageVolumeRequest(
+            volume_id=self.id,
+            publish_context=self.context,
+            staging_target_path=str(self.staging),
+            volume_capability=cap or self.cap,
+        )
+
     def stage(self) -> None:
-        self.c.node.NodeStageVolume(
-            pb.NodeStageVolumeRequest(
-                volume_id=self.id,
-                publish_context=self.context,
-                staging_target_path=str(self.staging),
-                volume_capability=self.cap,
-            )
+        self.c.node.NodeStageVolume(self.stage_request())
+
+    def publish_request(self, target: Path | None = None, readonly: bool | None = None) -> pb.NodePublishVolumeRequest:
+        return pb.NodePublishVolumeRequest(
+            volume_id=self.id,
+            publish_context=self.context,
+            staging_target_path=str(self.staging),
+            target_path=str(target or self.target),
+            volume_capability=self.cap,
+            readonly=self.readonly if readonly is None else readonly,
         )
 
     def publish(self) -> None:
-        self.c.node.NodePublishVolume(
-            pb.NodePublishVolumeRequest(
-                volume_id=self.id,
-                publish_context=self.context,
-                staging_target_path=str(self.staging),
-                target_path=str(self.target),
-                volume_capability=self.cap,
-                readonly=self.readonly,
-            )
-        )
+        self.c.node.NodePublishVolume(self.publish_request())
 
     def unpublish(self) -> None:
         self.c.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=self.id, target_path=str(self.target)))
@@ -204,14 +206,7 @@ def test_a_read_only_block_publish_refuses_writes_and_leaves_other_publishes_wri
     with open(vol.target, "r+b") as device:
         device.write(b"written before")
     reader = cluster.workdir / f"pods/{vol.id[:8]}-reader/volume"
-    read_only = pb.NodePublishVolumeRequest(
-        volume_id=vol.id,
-        publish_context=vol.context,
-        staging_target_path=str(vol.staging),
-        target_path=str(reader),
-        volume_capability=vol.cap,
-        readonly=True,
-    )
+    read_only = vol.publish_request(reader, readonly=True)
     for _ in range(2):  # a repeat finds the same view
         cluster.node.NodePublishVolume(read_only)
     view = mounts.mounted_device(str(reader))
@@ -358,12 +353,7 @@ def test_restaging_incompatibly_or_elsewhere_and_a_foreign_mount_at_the_target(c
     vol = Volume(cluster, mount_cap("ext4"))
     vol.publish_controller()
     vol.stage()
-    other = pb.NodeStageVolumeRequest(
-        volume_id=vol.id,
-        publish_context=vol.context,
-        staging_target_path=str(vol.staging),
-        volume_capability=mount_cap("xfs"),
-    )
+    other = vol.stage_request(mount_cap("xfs"))
     assert rpc_error(cluster.node.NodeStageVolume, other).code() == grpc.StatusCode.ALREADY_EXISTS
     other.staging_target_path, other.volume_capability.mount.fs_type = str(vol.staging) + "-2", "ext4"
     error = rpc_error(cluster.node.NodeStageVolume, other)
@@ -390,12 +380,7 @@ def test_a_filesystem_of_another_type_is_never_reformatted(cluster):
     vol.unpublish()
     vol.unstage()
 
-    as_xfs = pb.NodeStageVolumeRequest(
-        volume_id=vol.id,
-        publish_context=vol.context,
-        staging_target_path=str(vol.staging),
-        volume_capability=mount_cap("xfs"),
-    )
+    as_xfs = vol.stage_request(mount_cap("xfs"))
     error = rpc_error(cluster.node.NodeStageVolume, as_xfs)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "already holds a ext4 filesystem, not xfs; refusing to reformat it" in error.details()
