@@ -10,7 +10,7 @@ from typing import Any
 from mbs_csi import errors, secrets
 from mbs_csi.config import Backend, Settings
 from mbs_csi.controller.pool import WorkerPool
-from mbs_csi.server import worker_config
+from mbs_csi.controller.worker_config import worker_config
 
 
 @dataclasses.dataclass

@@ -17,28 +17,6 @@ EXIT_START = 1
 
 log = logging.getLogger("mbs_csi")
 
-# Flags of `serve`, each overriding the config key of the same name.
-_SERVE_FLAGS: tuple[tuple[str, str], ...] = (
-    ("role", "controller, node or all (default: all)"),
-    ("endpoint", f"unix:///path/csi.sock or host:port (default: $CSI_ENDPOINT, else {config.DEFAULT_ENDPOINT})"),
-    ("driver_name", f"CSI driver name (default: {config.DEFAULT_DRIVER_NAME})"),
-    ("node_id", "this node's id (default: the hostname)"),
-    ("state_dir", f"directory for the embedded database, backend and node state (default: {config.DEFAULT_STATE_DIR})"),
-    ("database", "SQLAlchemy URL of the controller's database (default: SQLite under the state dir)"),
-    ("workers", "gRPC worker threads (default: 16)"),
-    ("backend_workers", "controller: processes running cinderlib calls, one call each at a time (default: 4)"),
-    ("backend_timeout", "controller: seconds a backend call may take before its worker is replaced (default: 300)"),
-    ("grace_period", "seconds to let in-flight calls finish on SIGTERM (default: 30)"),
-    ("log_level", "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
-    ("topology", "this node's topology segments as key=value,key2=value2"),
-    ("default_backend", "backend used when a StorageClass names none (default: the first)"),
-    ("max_volumes_per_node", "node: how many volumes this node accepts, announced to the CO (default: 0, no limit)"),
-    ("connector_store", "where nodes publish their connector properties: database or kubernetes (default: database)"),
-    ("kubeconfig", "kubernetes connector store: kubeconfig file (default: the in-cluster service account)"),
-    ("sensitive_options_dir", "directory of <backend>.<option> files holding sensitive driver options"),
-    ("metrics_endpoint", "host:port serving Prometheus metrics at /metrics (default: none)"),
-)
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -53,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", metavar="FILE", help=f"YAML or JSON config file (default: ${config.CONFIG_ENV}, else none)"
     )
-    for key, help_text in _SERVE_FLAGS:
-        serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar=key.upper(), help=help_text)
+    # One flag per configuration key, overriding it (config.OPTIONS declares them, help and default included).
+    for key in config.OPTIONS:
+        serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar=key.upper(), help=config.flag_help(key))
     serve.set_defaults(func=_serve)
 
     backend = sub.add_parser("backend", help="backend tools", description="Backend tools.")
@@ -97,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> config.Settings:
-    flags = {key: getattr(args, key, None) for key, _ in _SERVE_FLAGS}
+    flags = {key: getattr(args, key, None) for key in config.OPTIONS}
     return config.load_settings(args.config, os.environ, flags)
 
 

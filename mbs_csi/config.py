@@ -16,10 +16,10 @@ import json
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -40,6 +40,8 @@ _DRIVER_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]{0,61}[A-Za-z0-9])?$")
 _BACKEND_NAME_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 _NODE_ID_MAX_BYTES = 256  # CSI limit on node_id
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,89 +101,8 @@ class Backend:
         }
 
 
-@dataclass(frozen=True)
-class Settings:
-    role: str = "all"
-    endpoint: Endpoint = field(default_factory=lambda: parse_endpoint(DEFAULT_ENDPOINT))
-    driver_name: str = DEFAULT_DRIVER_NAME
-    node_id: str = field(default_factory=socket.gethostname)
-    state_dir: Path = Path(DEFAULT_STATE_DIR)
-    # SQLAlchemy URL; may embed a password, so it is kept out of repr (see database_display).
-    database: str = field(default="", repr=False)
-    workers: int = 16
-    backend_workers: int = 4
-    backend_timeout: float = 300.0
-    grace_period: float = 30.0
-    log_level: str = "INFO"
-    topology: Mapping[str, str] = field(default_factory=dict)
-    max_volumes_per_node: int = 0  # 0: no limit announced
-    default_backend: str | None = None
-    connector_store: str = "database"
-    kubeconfig: Path | None = None  # kubernetes connector store: None means the in-cluster config
-    sensitive_options_dir: Path | None = None
-    metrics_endpoint: str | None = None  # host:port serving Prometheus metrics; None: off
-    backends: tuple[Backend, ...] = ()
-
-    @property
-    def database_display(self) -> str:
-        return secrets.redact_url(self.database)
-
-    @property
-    def runs_controller(self) -> bool:
-        return self.role in ("controller", "all")
-
-    @property
-    def runs_node(self) -> bool:
-        return self.role in ("node", "all")
-
-    @property
-    def has_topology(self) -> bool:
-        return bool(self.topology) or any(b.topology for b in self.backends)
-
-    def backend(self, name: str | None) -> Backend | None:
-        """The backend called ``name``, or the default one when ``name`` is None."""
-        wanted = name if name is not None else self.default_backend
-        return next((b for b in self.backends if b.name == wanted), None)
-
-    def describe(self) -> dict[str, Any]:
-        """A loggable view of every setting, with sensitive values masked."""
-        return {
-            "role": self.role,
-            "endpoint": str(self.endpoint),
-            "driver_name": self.driver_name,
-            "node_id": self.node_id,
-            "state_dir": str(self.state_dir),
-            "database": self.database_display,
-            "workers": self.workers,
-            "backend_workers": self.backend_workers,
-            "backend_timeout": self.backend_timeout,
-            "grace_period": self.grace_period,
-            "log_level": self.log_level,
-            "topology": dict(self.topology),
-            "max_volumes_per_node": self.max_volumes_per_node,
-            "default_backend": self.default_backend,
-            "connector_store": self.connector_store,
-            "kubeconfig": str(self.kubeconfig) if self.kubeconfig else None,
-            "sensitive_options_dir": str(self.sensitive_options_dir) if self.sensitive_options_dir else None,
-            "metrics_endpoint": self.metrics_endpoint,
-            "backends": [b.describe() for b in self.backends],
-        }
-
-
-# --- scalar options: one row per key, shared by the file, the environment and the flags ------------
-
-
-@dataclass(frozen=True)
-class Option:
-    key: str
-    expected: str  # what a person should write, for error messages
-    from_text: Callable[[str], Any]  # parses an env/flag string
-    from_file: Callable[[Any], Any]  # checks a value already typed by YAML/JSON
-    env: str = ""
-
-    @property
-    def env_name(self) -> str:
-        return self.env or "MBS_CSI_" + self.key.upper()
+# --- parsing one value: from a file (already typed by YAML/JSON) or from env/flag text ---------------
+# Each raises TypeError or ValueError for a bad value; the caller turns that into a ConfigError.
 
 
 def _str(value: Any) -> str:
@@ -194,10 +115,6 @@ def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError
     return value
-
-
-def _positive_int_text(text: str) -> int:
-    return _positive(int(text))
 
 
 def _not_negative(value: int) -> int:
@@ -275,63 +192,255 @@ def _node_id(value: Any) -> str:
     return value
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("role", "one of " + ", ".join(ROLES), _choice(ROLES), _choice(ROLES)),
-    Option(
-        "endpoint",
+def _abs_path(value: Any) -> Path:
+    path = Path(_str(value))
+    if not path.is_absolute():
+        raise ValueError
+    return path
+
+
+# --- the settings: each key declared once ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """Everything about one setting but its name and type (the Settings field's): how to read it from a
+    file and from env/flag text, what to tell a person, and whether its value may be shown."""
+
+    help: str  # what it means: the CLI help and the README table
+    expected: str  # what a person should write, for error messages
+    from_file: Callable[[Any], Any]  # checks a value already typed by YAML/JSON
+    from_text: Callable[[str], Any]  # parses an env/flag string
+    default_text: str  # the default as a person reads it (help, README)
+    env: str = ""  # the environment variable, when not MBS_CSI_<KEY>
+    sensitive: bool = False  # may hold a secret: never echoed in an error; describe() redacts it
+
+
+def setting(
+    default: T | None,
+    help: str,
+    expected: str,
+    check: Callable[[Any], Any],
+    *,
+    from_text: Callable[[str], Any] | None = None,
+    default_text: str | None = None,
+    env: str = "",
+    sensitive: bool = False,
+    factory: Callable[[], T] | None = None,
+) -> T:
+    """A Settings field with its :class:`Option`: the default (or a ``factory`` making it), the help, and
+    how to read a value. ``check`` validates a file value; env and flag text goes through ``from_text``,
+    by default ``check`` itself (right for strings)."""
+    option = Option(
+        help=help,
+        expected=expected,
+        from_file=check,
+        from_text=from_text or check,
+        default_text=default_text if default_text is not None else f"`{default}`",
+        env=env,
+        sensitive=sensitive,
+    )
+    metadata = {"option": option}
+    if factory is not None:
+        return field(default_factory=factory, repr=not sensitive, metadata=metadata)
+    return field(default=cast(T, default), repr=not sensitive, metadata=metadata)
+
+
+def _int_text(check: Callable[[int], int]) -> Callable[[str], int]:
+    return lambda text: check(int(text))
+
+
+def _seconds_text(check: Callable[[Any], float]) -> Callable[[str], float]:
+    return lambda text: check(float(text))
+
+
+@dataclass(frozen=True)
+class Settings:
+    role: str = setting("all", "`controller`, `node` or `all`", "one of " + ", ".join(ROLES), _choice(ROLES))
+    endpoint: Endpoint = setting(
+        parse_endpoint(DEFAULT_ENDPOINT),
+        "where to serve gRPC: `unix:///path/csi.sock` or `host:port`",
         "unix:///path/to/csi.sock, tcp://host:port or host:port",
         _endpoint,
-        _endpoint,
         env="CSI_ENDPOINT",
-    ),
-    Option(
-        "driver_name",
+    )
+    driver_name: str = setting(
+        DEFAULT_DRIVER_NAME,
+        "CSI driver name (domain-name style)",
         "a domain-name style name of at most 63 characters, e.g. mbs.csi.io",
         _driver_name,
-        _driver_name,
-    ),
-    Option("node_id", f"a non-empty string of at most {_NODE_ID_MAX_BYTES} bytes", _node_id, _node_id),
-    Option("state_dir", "an absolute directory path", lambda t: _abs_path(t), lambda v: _abs_path(_str(v))),
-    Option("database", "an SQLAlchemy URL, e.g. postgresql://user:password@host/db", _str, _str),
-    Option("workers", "an integer >= 1", _positive_int_text, lambda v: _positive(_int(v))),
-    Option("backend_workers", "an integer >= 1", _positive_int_text, lambda v: _positive(_int(v))),
-    Option("backend_timeout", "a number of seconds >= 1", lambda t: _at_least_1s(float(t)), lambda v: _at_least_1s(v)),
-    Option("grace_period", "a number of seconds >= 0", lambda t: _seconds(float(t)), _seconds),
-    Option(
-        "log_level",
+    )
+    node_id: str = setting(
+        None,
+        "this node's id",
+        f"a non-empty string of at most {_NODE_ID_MAX_BYTES} bytes",
+        _node_id,
+        default_text="host name",
+        factory=socket.gethostname,
+    )
+    state_dir: Path = setting(
+        Path(DEFAULT_STATE_DIR),
+        "embedded database, loopback backend, node state",
+        "an absolute directory path",
+        _abs_path,
+    )
+    # An SQLAlchemy URL may embed a password: kept out of repr and shown redacted (database_display).
+    database: str = setting(
+        "",  # SQLite under the state dir, filled in by load_settings
+        "SQLAlchemy URL of the controller's database (PostgreSQL for several replicas)",
+        "an SQLAlchemy URL, e.g. postgresql://user:password@host/db",
+        _str,
+        default_text="`sqlite:///<state_dir>/mbs-csi.sqlite`",
+        sensitive=True,
+    )
+    workers: int = setting(
+        16, "gRPC worker threads", "an integer >= 1", lambda v: _positive(_int(v)), from_text=_int_text(_positive)
+    )
+    backend_workers: int = setting(
+        4,
+        "controller: cinderlib worker processes (the most backend calls at once)",
+        "an integer >= 1",
+        lambda v: _positive(_int(v)),
+        from_text=_int_text(_positive),
+    )
+    backend_timeout: float = setting(
+        300.0,
+        "controller: seconds a backend call may run before its worker is replaced",
+        "a number of seconds >= 1",
+        _at_least_1s,
+        from_text=_seconds_text(_at_least_1s),
+        default_text="`300`",
+    )
+    grace_period: float = setting(
+        30.0,
+        "seconds to drain in-flight calls on SIGTERM",
+        "a number of seconds >= 0",
+        _seconds,
+        from_text=_seconds_text(_seconds),
+        default_text="`30`",
+    )
+    log_level: str = setting(
+        "INFO",
+        "`DEBUG` adds every request, secrets masked",
         "one of " + ", ".join(LOG_LEVELS),
         _choice(LOG_LEVELS, upper=True),
-        _choice(LOG_LEVELS, upper=True),
-    ),
-    Option("topology", "a mapping of topology keys to values (env/flag: key=value,key2=value2)", _labels_text, _labels),
-    Option("default_backend", "the name of a configured backend", _str, _str),
-    Option(
-        "max_volumes_per_node",
+    )
+    topology: Mapping[str, str] = setting(
+        None,
+        "this node's topology segments (`key=value,...` in env/flags)",
+        "a mapping of topology keys to values (env/flag: key=value,key2=value2)",
+        _labels,
+        from_text=_labels_text,
+        default_text="none",
+        factory=lambda: MappingProxyType({}),
+    )
+    max_volumes_per_node: int = setting(
+        0,
+        "node: volumes this node accepts, announced in NodeGetInfo (0: no limit)",
         "an integer >= 0 (0: no limit)",
-        lambda t: _not_negative(int(t)),
         lambda v: _not_negative(_int(v)),
-    ),
-    Option(
-        "connector_store",
+        from_text=_int_text(_not_negative),
+    )
+    default_backend: str | None = setting(
+        None,
+        "backend used when a StorageClass names none",
+        "the name of a configured backend",
+        _str,
+        default_text="first backend",
+    )
+    connector_store: str = setting(
+        "database",
+        "where nodes publish their connector properties: `database` (role `all`) or `kubernetes` (the Node "
+        "object's annotation)",
         "one of " + ", ".join(CONNECTOR_STORES),
         _choice(CONNECTOR_STORES),
-        _choice(CONNECTOR_STORES),
-    ),
-    Option("kubeconfig", "an absolute file path", lambda t: _abs_path(t), lambda v: _abs_path(_str(v))),
-    Option("sensitive_options_dir", "an absolute directory path", lambda t: _abs_path(t), lambda v: _abs_path(_str(v))),
-    Option("metrics_endpoint", "host:port, e.g. 0.0.0.0:9810 (any address: :9810)", _host_port, _host_port),
-)
-_OPTION_BY_KEY = {o.key: o for o in OPTIONS}
-FILE_KEYS = (*_OPTION_BY_KEY, "backends")
+    )
+    kubeconfig: Path | None = setting(
+        None,
+        "kubeconfig file for the `kubernetes` connector store (development)",
+        "an absolute file path",
+        _abs_path,
+        default_text="in-cluster service account",
+    )
+    sensitive_options_dir: Path | None = setting(
+        None,
+        "directory of files `<backend>.<option>`, each the value of a sensitive driver option (a mounted Secret)",
+        "an absolute directory path",
+        _abs_path,
+        default_text="none",
+    )
+    metrics_endpoint: str | None = setting(
+        None,
+        "`host:port` serving Prometheus metrics at `/metrics`",
+        "host:port, e.g. 0.0.0.0:9810 (any address: :9810)",
+        _host_port,
+        default_text="none (off)",
+    )
+    backends: tuple[Backend, ...] = ()
+
+    @property
+    def database_display(self) -> str:
+        return secrets.redact_url(self.database)
+
+    @property
+    def runs_controller(self) -> bool:
+        return self.role in ("controller", "all")
+
+    @property
+    def runs_node(self) -> bool:
+        return self.role in ("node", "all")
+
+    @property
+    def has_topology(self) -> bool:
+        return bool(self.topology) or any(b.topology for b in self.backends)
+
+    def backend(self, name: str | None) -> Backend | None:
+        """The backend called ``name``, or the default one when ``name`` is None."""
+        wanted = name if name is not None else self.default_backend
+        return next((b for b in self.backends if b.name == wanted), None)
+
+    def describe(self) -> dict[str, Any]:
+        """A loggable view of every setting, with sensitive values masked."""
+        shown: dict[str, Any] = {key: _shown(getattr(self, key), option) for key, option in OPTIONS.items()}
+        shown["backends"] = [b.describe() for b in self.backends]
+        return shown
+
+
+def _shown(value: Any, option: Option) -> Any:
+    if option.sensitive:
+        return secrets.redact_url(value)
+    if isinstance(value, Path | Endpoint):
+        return str(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _env_name(key: str, option: Option) -> str:
+    return option.env or "MBS_CSI_" + key.upper()
+
+
+# key -> Option, in declaration order: what the file, the environment and the flags accept.
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(Settings) if "option" in f.metadata}
+FILE_KEYS = (*OPTIONS, "backends")
 BACKEND_KEYS = ("name", "volume_driver", "driver_options", "driver_sensitive_options", "topology")
 CONFIG_ENV = "MBS_CSI_CONFIG"
 
 
-def _abs_path(text: str) -> Path:
-    path = Path(text)
-    if not path.is_absolute():
-        raise ValueError
-    return path
+def flag_help(key: str) -> str:
+    """The ``serve`` flag's help: the README's meaning and default, in plain text."""
+    option = OPTIONS[key]
+    return f"{option.help} (default: {option.default_text}; env {_env_name(key, option)})".replace("`", "")
+
+
+def reference_table() -> str:
+    """The README's table of configuration keys, made from the declarations above."""
+    lines = ["| key | env | flag | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for key, option in OPTIONS.items():
+        flag = "--" + key.replace("_", "-")
+        lines.append(f"| `{key}` | `{_env_name(key, option)}` | `{flag}` | {option.default_text} | {option.help} |")
+    lines.append("| `backends` | — | — | the loopback backend | list of backends, below |")
+    return "\n".join(lines)
 
 
 def _describe(value: Any, sensitive: bool = False) -> str:
@@ -343,12 +452,12 @@ def _describe(value: Any, sensitive: bool = False) -> str:
     return f"{text[:60]}{'...' if len(text) > 60 else ''} ({kind})"
 
 
-def _convert(option: Option, raw: Any, source: str, from_text: bool) -> Any:
+def _convert(key: str, raw: Any, source: str, from_text: bool) -> Any:
+    option = OPTIONS[key]
     try:
         return option.from_text(raw) if from_text else option.from_file(raw)
     except (TypeError, ValueError):
-        sensitive = option.key == "database"
-        raise ConfigError(source, option.key, f"expected {option.expected}, got {_describe(raw, sensitive)}") from None
+        raise ConfigError(source, key, f"expected {option.expected}, got {_describe(raw, option.sensitive)}") from None
 
 
 # --- the config file -------------------------------------------------------------------------------
@@ -502,18 +611,19 @@ def load_settings(
         for key, raw in data.items():
             if key == "backends":
                 raw_backends = raw
-            elif key in _OPTION_BY_KEY:
-                values[key] = _convert(_OPTION_BY_KEY[key], raw, config_path, from_text=False)
+            elif key in OPTIONS:
+                values[key] = _convert(key, raw, config_path, from_text=False)
             else:
                 raise ConfigError(config_path, str(key), f"unknown key; expected one of {', '.join(FILE_KEYS)}")
 
-    for option in OPTIONS:
-        if option.env_name in env and env[option.env_name] != "":
-            values[option.key] = _convert(option, env[option.env_name], f"environment {option.env_name}", True)
+    for key, option in OPTIONS.items():
+        name = _env_name(key, option)
+        if env.get(name):
+            values[key] = _convert(key, env[name], f"environment {name}", from_text=True)
     for key, text in flags.items():
         if text is not None:
             flag = "--" + key.replace("_", "-")
-            values[key] = _convert(_OPTION_BY_KEY[key], text, f"flag {flag}", from_text=True)
+            values[key] = _convert(key, text, f"flag {flag}", from_text=True)
 
     state_dir = values.get("state_dir", Path(DEFAULT_STATE_DIR))
     values.setdefault("database", f"sqlite:///{state_dir}/mbs-csi.sqlite")

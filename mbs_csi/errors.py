@@ -1,14 +1,14 @@
-"""The driver's exception hierarchy and the one table that turns an exception into a gRPC status.
+"""The driver's exception hierarchy, plain Python so that every module (the node's standard-library-only
+helpers and the backend workers included) can raise from it.
 
 Handlers never build status codes: they raise one of the :class:`CSIError` subclasses below (or let an
-unexpected exception escape), and the server's interceptor calls :func:`to_status`. Messages are meant
-for a person operating the cluster: say what was wrong and what to do. They are scrubbed of secrets on
-the way out, and an unexpected exception never reaches the client as a traceback.
+unexpected exception escape), and the interceptor's one table (``interceptor.STATUS``) turns it into a
+gRPC status. Messages are meant for a person operating the cluster: say what was wrong and what to do.
+They are scrubbed of secrets on the way out, and an unexpected exception never reaches the client as a
+traceback.
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class MbsCsiError(Exception):
@@ -31,7 +31,7 @@ class EndpointError(MbsCsiError):
 
 
 class CSIError(MbsCsiError):
-    """An error answered to a CSI call; its class decides the status code (see ``STATUS``)."""
+    """An error answered to a CSI call; its class decides the status code (``interceptor.STATUS``)."""
 
 
 class InvalidArgument(CSIError):
@@ -70,56 +70,11 @@ class DeadlineExceeded(CSIError):
     """A backend call took longer than its bound."""
 
 
-class Unimplemented(CSIError):
-    pass
-
-
 class Internal(CSIError):
     pass
-
-
-# The one table. Looked up along the exception's MRO, so a subclass inherits its parent's code.
-STATUS: dict[type[BaseException], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    Aborted: grpc.StatusCode.ABORTED,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-    Internal: grpc.StatusCode.INTERNAL,
-    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
-    # The generated servicer base classes raise this for RPCs a service does not implement.
-    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
-}
 
 
 def database_reason(exc: BaseException) -> str:
     """The first line of what a database driver said (SQLAlchemy wraps it as ``orig``), or the type."""
     lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
-
-
-def register(cls: type[BaseException], code: grpc.StatusCode) -> None:
-    """Add a row to the table for an exception class of a module that cannot import this one (the node's
-    mount helpers use only the standard library); registered where that module is wired in."""
-    STATUS[cls] = code
-
-
-def to_status(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for ``exc``.
-
-    Errors raised on purpose keep their message. Anything else is a bug or an unexpected failure: the
-    client gets INTERNAL with the request id to find the full traceback in the driver's log.
-    """
-    for cls in type(exc).__mro__:
-        code = STATUS.get(cls)
-        if code is not None:
-            return code, str(exc) or cls.__name__
-    return (
-        grpc.StatusCode.INTERNAL,
-        f"unexpected {type(exc).__name__} in the driver; see its log for request id {request_id}",
-    )

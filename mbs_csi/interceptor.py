@@ -1,7 +1,7 @@
 """The one gRPC server interceptor: request id, a log line in and out, and error-to-status mapping.
 
-Handlers raise; this turns whatever they raise into a status through ``errors.to_status`` (the one
-table), scrubs secrets from the message, and never lets a traceback reach the client.
+Handlers raise; this turns whatever they raise into a status through :data:`STATUS` (the one table from
+exception to status code), scrubs secrets from the message, and never lets a traceback reach the client.
 """
 
 from __future__ import annotations
@@ -20,6 +20,40 @@ from csi import csi_pb2
 from mbs_csi import errors, logs, secrets
 
 log = logging.getLogger("mbs_csi.rpc")
+
+# The one table. Looked up along the exception's MRO, so a subclass inherits its parent's code.
+STATUS: dict[type[BaseException], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    # The generated servicer base classes raise this for RPCs a service does not implement.
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def to_status(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for ``exc``.
+
+    Errors raised on purpose keep their message. Anything else is a bug or an unexpected failure: the
+    client gets INTERNAL with the request id to find the full traceback in the driver's log.
+    """
+    for cls in type(exc).__mro__:
+        code = STATUS.get(cls)
+        if code is not None:
+            return code, str(exc) or cls.__name__
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"unexpected {type(exc).__name__} in the driver; see its log for request id {request_id}",
+    )
+
 
 # Request fields that identify what a call is about, in the order they are logged.
 _ID_FIELDS = ("volume_id", "snapshot_id", "source_volume_id", "name", "node_id", "group_snapshot_id")
@@ -96,7 +130,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
                     result = behavior(request, context)
                     return list(result) if stream else result
                 except Exception as exc:
-                    status, message = errors.to_status(exc, rid)
+                    status, message = to_status(exc, rid)
                     if isinstance(exc, errors.CSIError | NotImplementedError):
                         log.warning("%s failed: %s", method, message)
                     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -11,26 +12,25 @@ import stat
 import threading
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from csi import csi_pb2_grpc
-from mbs_csi import __version__, secrets
+from mbs_csi import __version__
 from mbs_csi.config import Endpoint, Settings
-from mbs_csi.connectors import KubernetesConnectorStore, publish_in_child, store_for
-from mbs_csi.controller.pool import WorkerPool
-from mbs_csi.controller.records import BackendSpec, WorkerConfig
-from mbs_csi.controller.service import ControllerService
 from mbs_csi.errors import EndpointError
 from mbs_csi.health import DatabaseReachable, Readiness, StateDirWritable
 from mbs_csi.identity import IdentityService
 from mbs_csi.interceptor import RpcInterceptor
-from mbs_csi.server_files import ATTACHMENTS_FILE
+
+if TYPE_CHECKING:
+    from mbs_csi.controller.pool import WorkerPool
+    from mbs_csi.node.connector_publisher import ConnectorPublisher, Publish
 
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
-CONNECTOR_RETRY = 5.0  # seconds between attempts to publish the node's connector properties
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes, NUL included
 
 
@@ -70,32 +70,12 @@ def readiness_for(settings: Settings) -> Readiness:
     return readiness
 
 
-def worker_config(settings: Settings) -> WorkerConfig:
-    """What the controller's backend workers need, secrets revealed for them (and listed for scrubbing)."""
-    password = secrets.url_password(settings.database)
-    sensitive = [s.reveal() for b in settings.backends for s in b.driver_sensitive_options.values()]
-    # Files named by secret-looking options (rbd_keyring_conf, san_private_key): drivers print what they
-    # read from them (Cinder's RBD driver logs its connection info, keyring included, at DEBUG).
-    for backend in settings.backends:
-        for option, value in backend.driver_options.items():
-            if secrets.is_secret_name(option) and isinstance(value, str) and os.path.isfile(value):
-                sensitive += secrets.file_secrets(value)
-    return WorkerConfig(
-        database=settings.database,
-        state_dir=str(settings.state_dir),
-        log_level=settings.log_level,
-        backends=tuple(BackendSpec(b.name, b.volume_driver, b.all_options()) for b in settings.backends),
-        secrets=tuple(sensitive + ([password] if password else [])),
-    )
-
-
 class Server:
     """A started gRPC server for one role; :meth:`stop` drains in-flight calls."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.readiness = readiness_for(settings)
-        self._stopping = threading.Event()
         self.interceptor = RpcInterceptor()
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
@@ -104,21 +84,35 @@ class Server:
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(settings, self.readiness), self._grpc)
         self.pool: WorkerPool | None = None
+        self._publish_connector: Publish | None = None
+        self._publisher: ConnectorPublisher | None = None
         if settings.runs_controller:
-            self.pool = WorkerPool(worker_config(settings), settings.backend_workers, settings.backend_timeout)
-            self.readiness.add(lambda: "; ".join(self.pool.problems()) if self.pool else None)
-        self.connectors = store_for(settings, self.pool)
-        if self.pool is not None:
-            assert self.connectors is not None
-            csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerService(settings, self.pool, self.connectors), self._grpc
-            )
+            self._add_controller()
         if settings.runs_node:
-            from mbs_csi.node.service import NodeService
-            from mbs_csi.node.store import AttachmentStore
+            self._add_node()
 
-            store = AttachmentStore(settings.state_dir / ATTACHMENTS_FILE)
-            csi_pb2_grpc.add_NodeServicer_to_server(NodeService(settings, store), self._grpc)
+    def _add_controller(self) -> None:
+        # Imported only for the controller role: a node never loads the controller's front.
+        from mbs_csi.controller.connector_store import DatabaseConnectorStore, connector_store
+        from mbs_csi.controller.pool import WorkerPool
+        from mbs_csi.controller.service import ControllerService
+        from mbs_csi.controller.worker_config import worker_config
+
+        settings = self.settings
+        pool = WorkerPool(worker_config(settings), settings.backend_workers, settings.backend_timeout)
+        self.pool = pool
+        self.readiness.add(lambda: "; ".join(pool.problems()))
+        store = connector_store(settings, pool)
+        if isinstance(store, DatabaseConnectorStore):
+            self._publish_connector = store.publish  # role all: this process's node side publishes here
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, pool, store), self._grpc)
+
+    def _add_node(self) -> None:
+        from mbs_csi.node.service import NodeService
+        from mbs_csi.node.store import FILENAME, AttachmentStore
+
+        store = AttachmentStore(self.settings.state_dir / FILENAME)
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(self.settings, store), self._grpc)
 
     def start(self) -> None:
         endpoint = self.settings.endpoint
@@ -149,36 +143,27 @@ class Server:
     def _start_node(self) -> None:
         """Set up os-brick's privileged calls and publish this node's connector properties."""
         from mbs_csi.node import brick
+        from mbs_csi.node.connector_publisher import ConnectorPublisher, publish_in_child
+        from mbs_csi.node_annotations import NodeAnnotations, annotation_key
 
+        settings = self.settings
         # On the host path, so an old and a new plugin overlapping during an upgrade share os-brick's locks.
-        brick.setup_privileges(lock_path=str(self.settings.state_dir / "os-brick-locks"))
-        properties = brick.connector_properties(self.settings.node_id)
-        if self.connectors is None:
+        brick.setup_privileges(lock_path=str(settings.state_dir / "os-brick-locks"))
+        properties = brick.connector_properties(settings.node_id)
+        publish = self._publish_connector
+        if settings.connector_store == "kubernetes":
+            annotations = NodeAnnotations(annotation_key(settings.driver_name), settings.kubeconfig)
+            publish = functools.partial(publish_in_child, annotations)
+        if publish is None:
             log.warning(
                 "role node with connector_store database cannot publish this node's connector properties (the "
                 "database's credentials do not belong on nodes): ControllerPublishVolume will not find node %s; "
                 "set connector_store: kubernetes",
-                self.settings.node_id,
+                settings.node_id,
             )
             return
-        threading.Thread(target=self._publish_connector, args=(properties,), name="connector", daemon=True).start()
-
-    def _publish_connector(self, properties: dict[str, object]) -> None:
-        """Store the connector properties, retrying until it works (the backend workers or the Kubernetes
-        API may not be up yet)."""
-        store = self.connectors
-        while not self._stopping.is_set():
-            try:
-                if isinstance(store, KubernetesConnectorStore):
-                    publish_in_child(store, self.settings.node_id, properties)
-                else:
-                    assert store is not None
-                    store.publish(self.settings.node_id, properties)
-                log.info("published connector properties of node %s", self.settings.node_id)
-                return
-            except Exception as exc:
-                log.warning("cannot publish connector properties yet (%s); retrying", exc)
-                self._stopping.wait(CONNECTOR_RETRY)
+        self._publisher = ConnectorPublisher(publish, settings.node_id, properties)
+        self._publisher.start()
 
     def _bind(self, endpoint: Endpoint) -> None:
         try:
@@ -190,7 +175,8 @@ class Server:
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds, then close."""
-        self._stopping.set()
+        if self._publisher is not None:
+            self._publisher.stop()
         self._grpc.stop(grace).wait()
         if self.pool is not None:
             self.pool.close()

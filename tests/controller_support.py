@@ -14,7 +14,7 @@ import yaml
 from csi import csi_pb2_grpc
 from mbs_csi import config
 from mbs_csi.controller.pool import WorkerPool
-from mbs_csi.server import worker_config
+from mbs_csi.controller.worker_config import worker_config
 from tests.support import Driver, short_tmpdir
 
 ZONE_KEY = "topology.mbs.csi.io/zone"

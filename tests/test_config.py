@@ -293,3 +293,25 @@ def test_connector_store_and_metrics_endpoint(tmp_path):
         config.load_settings(env={"MBS_CSI_CONNECTOR_STORE": "etcd"})
     with pytest.raises(ConfigError, match="expected host:port"):
         config.load_settings(env={"MBS_CSI_METRICS_ENDPOINT": "9810"})
+
+
+def test_readme_table_is_the_one_generated_from_the_declarations():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert config.reference_table() in readme, (
+        "README.md's configuration table differs from mbs_csi/config.py; paste the output of "
+        "python -c 'from mbs_csi import config; print(config.reference_table())'"
+    )
+
+
+def test_every_key_has_a_flag_an_environment_variable_and_a_described_value(tmp_path):
+    """Each declared key is read from the file, the environment and its flag, and shows in describe()."""
+    values = {"workers": ("7", 7), "log_level": ("debug", "DEBUG"), "kubeconfig": ("/k/c", Path("/k/c"))}
+    for key, (text, parsed) in values.items():
+        env_name = "MBS_CSI_" + key.upper()
+        assert getattr(config.load_settings(env={env_name: text}), key) == parsed
+        assert getattr(config.load_settings(flags={key: text}), key) == parsed
+    described = config.load_settings().describe()
+    assert set(described) == {*config.OPTIONS, "backends"}
+    help_text = run_cli("serve", "--help").stdout
+    for key in config.OPTIONS:
+        assert "--" + key.replace("_", "-") in help_text

@@ -14,7 +14,8 @@ import pytest
 
 from csi import csi_pb2 as pb
 from mbs_csi import errors
-from mbs_csi.connectors import KubernetesConnectorStore, publish_in_child
+from mbs_csi.node.connector_publisher import publish_in_child
+from mbs_csi.node_annotations import NodeAnnotations
 from tests.controller_support import ControllerUnderTest, rpc_error
 from tests.csi_requests import create_request, mount_cap
 from tests.kube_standin import KubeApiStandIn
@@ -33,7 +34,7 @@ def api():
 
 def test_publish_then_lookup_through_the_node_object(api, tmp_path):
     api.add_node("worker-1", {"other/annotation": "kept"})
-    store = KubernetesConnectorStore(KEY, api.kubeconfig(tmp_path / "kubeconfig"))
+    store = NodeAnnotations(KEY, api.kubeconfig(tmp_path / "kubeconfig"))
     assert store.lookup("worker-1") is None  # nothing published yet
     store.publish("worker-1", PROPERTIES)
     assert json.loads(api.annotations("worker-1")[KEY]) == PROPERTIES
@@ -47,7 +48,7 @@ def test_publish_then_lookup_through_the_node_object(api, tmp_path):
 
 def test_a_node_publishes_from_a_child_process(api, tmp_path):
     api.add_node("worker-2")
-    store = KubernetesConnectorStore(KEY, api.kubeconfig(tmp_path / "kubeconfig"))
+    store = NodeAnnotations(KEY, api.kubeconfig(tmp_path / "kubeconfig"))
     publish_in_child(store, "worker-2", PROPERTIES)
     assert json.loads(api.annotations("worker-2")[KEY]) == PROPERTIES
     with pytest.raises(errors.Unavailable, match="there is no Node worker-3"):
@@ -56,16 +57,16 @@ def test_a_node_publishes_from_a_child_process(api, tmp_path):
 
 def test_api_errors_are_clear_and_prompt(api, tmp_path):
     api.add_node("worker-1", {KEY: "not json"})
-    store = KubernetesConnectorStore(KEY, api.kubeconfig(tmp_path / "kubeconfig"))
+    store = NodeAnnotations(KEY, api.kubeconfig(tmp_path / "kubeconfig"))
     with pytest.raises(errors.FailedPrecondition, match=r"annotation mbs\.csi\.io/connector of Node worker-1 is not"):
         store.lookup("worker-1")
 
-    refused = KubernetesConnectorStore(KEY, api.kubeconfig(tmp_path / "wrong-token", token="wrong"))
+    refused = NodeAnnotations(KEY, api.kubeconfig(tmp_path / "wrong-token", token="wrong"))
     with pytest.raises(errors.Unavailable, match="the Kubernetes API refused to read Node worker-1: 401"):
         refused.lookup("worker-1")
 
     with pytest.raises(errors.Unavailable, match="cannot load the Kubernetes API configuration from kubeconfig"):
-        KubernetesConnectorStore(KEY, tmp_path / "absent").lookup("worker-1")
+        NodeAnnotations(KEY, tmp_path / "absent").lookup("worker-1")
 
     api.close()
     started = time.monotonic()

@@ -16,8 +16,8 @@ from csi import csi_pb2, csi_pb2_grpc
 from mbs_csi import errors, logs
 from mbs_csi.capabilities import access, require
 from mbs_csi.config import Backend, Settings
-from mbs_csi.connectors import ConnectorStore
 from mbs_csi.controller import validate
+from mbs_csi.controller.connector_store import ConnectorStore
 from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.records import GIB, SnapshotRecord, VolumeRecord
 from mbs_csi.inflight import DatabaseLocks, InFlight

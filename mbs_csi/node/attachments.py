@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mbs_csi.node.service import attachment_problem
+from mbs_csi.node.store import FILENAME as ATTACHMENTS_FILE
 from mbs_csi.node.store import AttachmentStore
-from mbs_csi.server_files import ATTACHMENTS_FILE
 
 
 def list_attachments(state_dir: Path) -> list[dict[str, Any]]:
