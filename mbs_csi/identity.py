@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from csi import csi_pb2, csi_pb2_grpc
@@ -31,11 +32,15 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         self._capabilities = csi_pb2.GetPluginCapabilitiesResponse(capabilities=plugin_capabilities(settings))
         self._readiness = readiness
 
-    def GetPluginInfo(self, request, context):
+    def GetPluginInfo(
+        self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginInfoResponse:
         return self._info
 
-    def GetPluginCapabilities(self, request, context):
+    def GetPluginCapabilities(
+        self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginCapabilitiesResponse:
         return self._capabilities
 
-    def Probe(self, request, context):
+    def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
         return csi_pb2.ProbeResponse(ready=BoolValue(value=not self._readiness.problems()))
