@@ -103,7 +103,11 @@ class RpcInterceptor(grpc.ServerInterceptor):
     def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
         self.observe = observe  # metrics: (method, status code name, seconds) after every call
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
