@@ -1,10 +1,15 @@
-"""Node benchmark: how fast and small each role starts, and what NodeStage/NodePublish/NodeUnpublish/
-NodeUnstage cost on a loop device against the same steps done with raw commands, in the same run.
+"""Node benchmark: how fast and small each role starts, what os-brick adds when the node first uses it,
+and what NodeStage/NodePublish/NodeUnpublish/NodeUnstage cost on a loop device against the same steps
+done with raw commands, in the same run.
 
     .venv/bin/python -m bench.node [--runs 5] [--cycles 20] [--json out.json]
 
 Targets (issue 4): node role ready in under 1.5 s with RSS under 110 MiB; stage+publish+unpublish+unstage
 within 1.2x of the raw commands.
+
+os-brick is imported lazily, on the node's first use (publishing its connector properties): the report
+gives what importing the adapter costs, what importing os-brick then adds in time and RSS, and how long
+collecting the connector properties takes the first time and again, each in a fresh interpreter.
 
 Two cycles are measured. The restage cycle is what every pod restart costs, on a volume formatted before:
 the raw side runs mount, mount --bind, umount, umount (the driver mounts first and probes only when that
@@ -24,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +38,7 @@ import grpc
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
-from mbs_csi.node.mounts import MKFS_COMMANDS
+from mbs_csi.filesystems import FILESYSTEMS
 from tests.controller_support import ControllerUnderTest
 from tests.csi_requests import create_request, mount_cap
 from tests.support import REPO, driver_env, short_tmpdir
@@ -114,6 +120,51 @@ def startup(runs: int) -> dict:
     return results
 
 
+# Run in a fresh interpreter: prints the figures of importing the os-brick adapter, then os-brick, then
+# collecting this node's connector properties twice, as one JSON line.
+_BRICK_FIGURES = """
+import json, sys, time, warnings
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+before = rss_mib()
+t = time.perf_counter()
+from mbs_csi.node import brick
+adapter_s = time.perf_counter() - t
+warnings.filterwarnings("ignore")
+t = time.perf_counter()
+import os_brick.initiator.connector
+os_brick_s = time.perf_counter() - t
+after = rss_mib()
+t = time.perf_counter()
+brick.connector_properties("bench-node")
+first_s = time.perf_counter() - t
+t = time.perf_counter()
+brick.connector_properties("bench-node")
+again_s = time.perf_counter() - t
+print(json.dumps({"adapter_import_s": adapter_s, "os_brick_import_s": os_brick_s, "rss_before_mib": before,
+                  "os_brick_rss_mib": after - before, "connector_properties_first_s": first_s,
+                  "connector_properties_again_s": again_s}))
+"""
+
+
+def brick_once() -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_BRICK_FIGURES)],
+        env=driver_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def brick_startup(runs: int) -> dict:
+    samples = [brick_once() for _ in range(runs)]
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
 def run(*argv: str) -> None:
     subprocess.run(list(argv), check=True, capture_output=True)
 
@@ -167,7 +218,7 @@ def node_cycles(cycles: int) -> dict:
 
         def raw_first_cycle() -> None:
             subprocess.run(["blkid", "-p", device], check=False, capture_output=True)  # exit 2: blank
-            run(*MKFS_COMMANDS["ext4"], device)
+            run(*FILESYSTEMS["ext4"].mkfs_argv(device))
             raw_cycle()
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -223,12 +274,23 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=20, help="stage/publish/unpublish/unstage cycles")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    report = {"startup": startup(args.runs), "stage_publish_cycle": node_cycles(args.cycles)}
+    report = {
+        "startup": startup(args.runs),
+        "os_brick_first_use": brick_startup(args.runs),
+        "stage_publish_cycle": node_cycles(args.cycles),
+    }
     for role, r in report["startup"].items():
         print(
             f"{role:<11} ready in {r['ready_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB"
             + (f" (+ backend workers {r['workers_rss_mib']:.0f} MiB)" if r["workers_rss_mib"] else "")
         )
+    b = report["os_brick_first_use"]
+    print(
+        f"os-brick    adapter import {1000 * b['adapter_import_s']:.0f} ms; os-brick import "
+        f"{b['os_brick_import_s']:.2f} s, +{b['os_brick_rss_mib']:.0f} MiB RSS; connector properties "
+        f"{1000 * b['connector_properties_first_s']:.0f} ms first, "
+        f"{1000 * b['connector_properties_again_s']:.0f} ms again"
+    )
     for kind, c in report["stage_publish_cycle"].items():
         floor = f", system calls alone {c['system_calls']['median_ms']:.1f} ms" if "system_calls" in c else ""
         print(

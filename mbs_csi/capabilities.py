@@ -6,11 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from csi import csi_pb2
-from mbs_csi import errors
+from mbs_csi import errors, filesystems
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
-SUPPORTED_FS = ("ext4", "xfs", "btrfs")
-DEFAULT_FS = "ext4"
 
 SINGLE_NODE_MODES = frozenset(
     {
@@ -55,9 +53,11 @@ def access(capabilities: Iterable[csi_pb2.VolumeCapability], multiattach: bool) 
             raise errors.InvalidArgument("each volume capability needs an access type: mount or block")
         types.add(kind)
         if kind == "mount":
-            fs = cap.mount.fs_type or DEFAULT_FS
-            if fs not in SUPPORTED_FS:
-                raise errors.InvalidArgument(f"fs_type {fs!r} is not supported; use one of {', '.join(SUPPORTED_FS)}")
+            fs = cap.mount.fs_type or filesystems.DEFAULT
+            if fs not in filesystems.FILESYSTEMS:
+                raise errors.InvalidArgument(
+                    f"fs_type {fs!r} is not supported; use one of {', '.join(filesystems.FILESYSTEMS)}"
+                )
             fs_types.add(fs)
         mode = cap.access_mode.mode
         if mode in MULTI_NODE_MODES:

@@ -6,7 +6,7 @@ but used by nothing else here: options registered/overridden on oslo.config's gl
 (groups ``os_brick`` and ``privsep_osbrick``), the client mode of os-brick's two privsep contexts, and an
 ``eventlet`` import that patches nothing. cinderlib, the other oslo user, only ever runs in child
 processes. The helper-daemon privsep mode, which starts a daemon and flips those globals the other way,
-and the start-up figures, which need a fresh interpreter, run in child processes.
+and the check that os-brick is imported lazily, which needs a fresh interpreter, run in child processes.
 """
 
 from __future__ import annotations
@@ -65,10 +65,8 @@ def local(device: str, protocol: str = "local") -> dict:
     return {"driver_volume_type": protocol, "data": {"device_path": device, "volume_id": "vol-1"}}
 
 
-def test_connector_properties_name_the_node_and_are_json(capsys: pytest.CaptureFixture[str]):
-    started = time.perf_counter()
+def test_connector_properties_name_the_node_and_are_json():
     props = brick.connector_properties("node-7")
-    elapsed = time.perf_counter() - started
     assert json.loads(json.dumps(props)) == props
     assert props["host"] == "node-7"
     assert props["multipath"] is False
@@ -81,9 +79,6 @@ def test_connector_properties_name_the_node_and_are_json(capsys: pytest.CaptureF
         assert props["nqn"] == Path("/etc/nvme/hostnqn").read_text().strip()
     else:
         assert shutil.which("nvme") is None
-    assert brick.connector_properties("node-7", my_ip="198.51.100.7")["ip"] == "198.51.100.7"
-    with capsys.disabled():
-        print(f"\nconnector_properties: {elapsed * 1000:.0f} ms, keys {sorted(props)}")
 
 
 def test_attach_local_gives_the_device_and_detach_leaves_it_alone(loop_device: tuple[str, Path]):
@@ -93,7 +88,7 @@ def test_attach_local_gives_the_device_and_detach_leaves_it_alone(loop_device: t
     assert Path(info["path"]).is_block_device()
     assert brick.attach(local(device, "LOCAL")) == info  # protocol names are case-insensitive; attach repeats
     assert brick.detach(local(device), info) is None
-    assert brick.detach(local(device), None, force=True) is None
+    assert brick.detach(local(device), None) is None  # without the attach's device info too
     assert Path(device).is_block_device()  # LOCAL disconnect is a no-op: the loop device belongs to the backend
 
 
@@ -116,10 +111,10 @@ def test_unknown_protocol_is_a_clear_error():
         brick.attach({"driver_volume_type": "frobnicate", "data": {"volume_id": "vol-1"}})
     message = str(caught.value)
     assert "'frobnicate'" in message and "no connector" in message
-    assert "ISCSI" in message and "LOCAL" in message and "RBD" in message  # lists what would work
+    for known in ("ISCSI", "LOCAL", "NVMEOF", "RBD"):  # lists what would work
+        assert known in message
     assert isinstance(caught.value, brick.UnknownProtocol)
     assert errors.to_status(caught.value, "r")[0].name == "FAILED_PRECONDITION"
-    assert "LOCAL" in brick.protocols() and "NVMEOF" in brick.protocols()
 
 
 @pytest.mark.parametrize(
@@ -181,7 +176,7 @@ def test_a_failing_iscsi_attach_is_bounded_and_its_message_holds_no_secret(
     caplog.set_level(logging.DEBUG)
     started = time.perf_counter()
     with pytest.raises(brick.BrickError) as caught:
-        brick.attach(info, device_scan_attempts=1)
+        brick.attach(info)
     # With open-iscsi installed and no iscsid running, os-brick retries the portal login with backoff
     # (about 12 s here); it must still give up well before a kubelet's timeout.
     assert time.perf_counter() - started < 30
@@ -226,33 +221,16 @@ def test_privsep_through_the_venv_helper_daemon(loop_device: tuple[str, Path], t
     assert result == {"size": 64 * MIB, "daemon": True, "after": True}
 
 
-def test_import_is_lazy_and_startup_figures():
+def test_node_role_never_imports_cinder_and_imports_os_brick_only_when_used():
+    """The start-up figures (import times, RSS, first connector properties) are bench/node.py's."""
     result = run_child(
         """
-        import json, sys, time
-        def rss():
-            return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
-        base = rss()
-        t = time.perf_counter()
+        import json, sys
         from mbs_csi.node import brick
-        module = time.perf_counter() - t
-        lazy = "os_brick" not in sys.modules and "cinder" not in sys.modules and "cinderlib" not in sys.modules
-        t = time.perf_counter()
-        import warnings; warnings.filterwarnings("ignore")
-        import os_brick.initiator.connector
-        imported = time.perf_counter() - t
-        after = rss()
-        t = time.perf_counter()
+        lazy = not {"os_brick", "eventlet"} & set(sys.modules)
         brick.connector_properties("node-1")
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        brick.connector_properties("node-1")
-        second = time.perf_counter() - t
-        print(json.dumps({"lazy": lazy, "module_s": module, "import_s": imported, "rss_before_mib": base,
-                          "rss_after_import_mib": after, "props_first_s": first, "props_again_s": second,
-                          "no_cinder": "cinder" not in sys.modules and "cinderlib" not in sys.modules}))
+        print(json.dumps({"lazy": lazy, "used": "os_brick" in sys.modules,
+                          "cinder": sorted(m for m in sys.modules if m.split(".")[0] in ("cinder", "cinderlib"))}))
         """
     )
-    print(f"\nnode brick start-up: {json.dumps(result)}")
-    assert result["lazy"] and result["no_cinder"]
-    assert result["import_s"] < 5
+    assert result == {"lazy": True, "used": True, "cinder": []}

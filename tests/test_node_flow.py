@@ -18,7 +18,8 @@ import pytest
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
-from mbs_csi.node import mounts
+from mbs_csi.node.devices import block_device_size
+from mbs_csi.node.mountinfo import mounted_device
 from tests.controller_support import ControllerUnderTest, rpc_error
 from tests.csi_requests import GIB, block_cap, create_request, mount_cap
 from tests.support import REPO
@@ -209,8 +210,8 @@ def test_a_read_only_block_publish_refuses_writes_and_leaves_other_publishes_wri
     read_only = vol.publish_request(reader, readonly=True)
     for _ in range(2):  # a repeat finds the same view
         cluster.node.NodePublishVolume(read_only)
-    view = mounts.mounted_device(str(reader))
-    assert view and view != mounts.mounted_device(str(vol.target))
+    view = mounted_device(str(reader))
+    assert view and view != mounted_device(str(vol.target))
     with pytest.raises(OSError) as caught, open(reader, "r+b", buffering=0) as device:
         device.write(b"overwritten")  # the kernel refuses the write (older ones refuse the open)
     assert caught.value.errno in (errno.EPERM, errno.EROFS)
@@ -222,7 +223,7 @@ def test_a_read_only_block_publish_refuses_writes_and_leaves_other_publishes_wri
         assert device.read(14) == b"written after!"
 
     assert vol.expand(2) == 2 * GIB
-    assert mounts.block_device_size(view) == 2 * GIB  # the view follows the device
+    assert block_device_size(view) == 2 * GIB  # the view follows the device
     cluster.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vol.id, target_path=str(reader)))
     vol.tear_down()
     assert not Path(f"/sys/block/{Path(view).name}/loop/backing_file").exists()  # detached at unstage

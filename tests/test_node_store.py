@@ -22,7 +22,7 @@ REGISTERED = "registered-secret-under-an-innocent-name"
 secrets.register(REGISTERED)
 
 
-def iscsi(volume_id: str, **extra: object) -> Attachment:
+def iscsi(volume_id: str) -> Attachment:
     return Attachment(
         volume_id=volume_id,
         staging_path=f"/var/lib/kubelet/plugins/kubernetes.io/csi/mbs/{volume_id}/globalmount",
@@ -34,7 +34,6 @@ def iscsi(volume_id: str, **extra: object) -> Attachment:
         },
         device_info={"type": "block", "path": "/dev/sdb", "scsi_wwn": "360000000000000000e00000000010001"},
         device_path="/dev/sdb",
-        extra=dict(extra),
     )
 
 
@@ -46,7 +45,8 @@ def store(tmp_path: Path) -> Iterator[AttachmentStore]:
 
 
 def test_round_trip_and_missing(store: AttachmentStore):
-    a = iscsi("vol-1", note="hello", nested={"n": [1, 2]})
+    a = iscsi("vol-1")
+    a.device_info["nested"] = {"n": [1, 2]}
     store.put(a)
     assert store.get("vol-1") == a
     assert store.get("vol-2") is None
@@ -106,6 +106,43 @@ def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path):
     assert path.stat().st_mode & 0o077 == 0
 
 
+def test_a_row_written_by_the_previous_version_reads_the_same(tmp_path: Path):
+    """Rows of schema version 1 written before ``extra`` was dropped from the record: its column is ignored."""
+    path = tmp_path / FILENAME
+    AttachmentStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO attachments (volume_id, staging_path, access_type, fs_type, connection_info, device_info, "
+            "device_path, created_at, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                "vol-old",
+                "/staging/vol-old",
+                "block",
+                "",
+                '{"driver_volume_type": "local", "data": {"device_path": "/dev/loop3"}}',
+                '{"path": "/dev/loop3", "type": "local"}',
+                "/dev/loop3",
+                1_700_000_000.0,
+                '{"note": "written by the previous version"}',
+            ),
+        )
+    with AttachmentStore(path) as store:
+        assert store.all() == [
+            Attachment(
+                volume_id="vol-old",
+                staging_path="/staging/vol-old",
+                access_type="block",
+                connection_info={"driver_volume_type": "local", "data": {"device_path": "/dev/loop3"}},
+                device_info={"path": "/dev/loop3", "type": "local"},
+                device_path="/dev/loop3",
+                created_at=1_700_000_000.0,
+            )
+        ]
+        store.put(iscsi("vol-new"))
+    with sqlite3.connect(path) as db:  # what the previous version reads of a new row
+        assert db.execute("SELECT extra FROM attachments WHERE volume_id = 'vol-new'").fetchone() == ("{}",)
+
+
 def test_bad_records_are_refused():
     with pytest.raises(ValueError, match="access_type"):
         Attachment("vol-1", "/staging", "filesystem")
@@ -123,7 +160,7 @@ def test_concurrent_puts_from_20_threads_on_one_store_and_on_separate_stores(tmp
             barrier.wait()
             own = AttachmentStore.in_state_dir(tmp_path) if i % 2 else None
             for j in range(10):
-                (own or shared).put(iscsi(f"vol-{i}-{j}", thread=i))
+                (own or shared).put(iscsi(f"vol-{i}-{j}"))
                 assert shared.get(f"vol-{i}-{j}") is not None
             if own:
                 own.close()
@@ -140,7 +177,8 @@ def test_concurrent_puts_from_20_threads_on_one_store_and_on_separate_stores(tmp
     shared.close()
     with AttachmentStore.in_state_dir(tmp_path) as again:
         assert {a.volume_id for a in again.all()} == {f"vol-{i}-{j}" for i in range(20) for j in range(10)}
-        assert again.get("vol-7-3").extra == {"thread": 7}
+        stored = again.get("vol-7-3")
+        assert stored is not None and stored.connection_info == iscsi("vol-7-3").connection_info
 
 
 def test_secret_looking_entries_never_reach_the_file(tmp_path: Path):
@@ -156,7 +194,6 @@ def test_secret_looking_entries_never_reach_the_file(tmp_path: Path):
             "comment": f"pw={REGISTERED}",
         }
     )
-    a.extra = {"token": "extra-token-value-77", "label": "extra-label-visible"}
     with AttachmentStore.in_state_dir(tmp_path) as store:
         store.put(a)
         stored = store.get("vol-1")
@@ -165,17 +202,15 @@ def test_secret_looking_entries_never_reach_the_file(tmp_path: Path):
     assert not {"auth_password", "discovery_auth_password", "keyring", "comment"} & set(data)
     assert data["nested"] == {"keep": "kept-value"}
     assert data["auth_username"] == "chap-user-visible"
-    assert stored.extra == {"label": "extra-label-visible"}
     assert stored.device_info == a.device_info
     for value in (
         CHAP_PASSWORD,
         "AQBnodeStoreKeyringValue",
         "nested-secret-value-42",
         REGISTERED,
-        "extra-token-value-77",
     ):
         assert value.encode() not in raw, value
-    for value in ("chap-user-visible", "kept-value", "extra-label-visible"):  # the grep does see stored text
+    for value in ("chap-user-visible", "kept-value"):  # the grep does see stored text
         assert value.encode() in raw, value
     assert a.connection_info["data"]["auth_password"] == CHAP_PASSWORD  # the caller's object is untouched
 

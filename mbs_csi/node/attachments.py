@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mbs_csi.node.service import attachment_problem
-from mbs_csi.node.store import FILENAME as ATTACHMENTS_FILE
-from mbs_csi.node.store import AttachmentStore
+from mbs_csi.node.inspection import attachment_problem
+from mbs_csi.node.store import FILENAME, AttachmentStore
 
 
 def list_attachments(state_dir: Path) -> list[dict[str, Any]]:
-    path = state_dir / ATTACHMENTS_FILE
+    path = state_dir / FILENAME
     if not path.exists():
         return []
     rows = []

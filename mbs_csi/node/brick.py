@@ -47,6 +47,8 @@ from mbs_csi.publish_context import PROTOCOL_KEY
 # os-brick's own default (os_brick.initiator.DEVICE_SCAN_ATTEMPTS_DEFAULT): how many times a connector
 # rescans for the device of a volume whose target it reached.
 DEVICE_SCAN_ATTEMPTS = 3
+# Multipath is not used yet: every connector is made and every property collected without it.
+MULTIPATH = False
 DEFAULT_LOCK_PATH = os.path.join(tempfile.gettempdir(), "mbs-csi-os-brick-locks")
 
 # Connection data keys that identify a target and are never secret: error messages name these only.
@@ -80,7 +82,7 @@ class UnknownProtocol(errors.FailedPrecondition, BrickError):
 _lock = threading.RLock()
 _settings: tuple[str | None, str] | None = None  # (helper_command, lock_path) in force
 _root_helper = ""
-_connectors: dict[tuple[str, bool, int], Any] = {}
+_connectors: dict[str, Any] = {}  # protocol name (upper case) -> its connector
 
 
 def _import_os_brick() -> Any:
@@ -142,24 +144,17 @@ def _ensure_setup() -> None:
         setup_privileges()
 
 
-def protocols() -> list[str]:
-    """The protocol names (``driver_volume_type`` values, any case) os-brick has a connector for here."""
-    os_brick = _import_os_brick()
-    return sorted(os_brick.initiator.connector.get_connector_mapping())
-
-
 def _guess_ip() -> str:
     from oslo_utils import netutils
 
-    return netutils.get_my_ipv4()
+    address: str = netutils.get_my_ipv4()
+    return address
 
 
-def connector_properties(
-    node_id: str, multipath: bool = False, *, my_ip: str | None = None, enforce_multipath: bool = False
-) -> dict[str, Any]:
+def connector_properties(node_id: str) -> dict[str, Any]:
     """This node's os-brick connector properties, as the controller passes them to ``volume.connect``.
 
-    ``host`` is ``node_id``; ``ip`` is ``my_ip`` or the address of the default route's interface. Keys a
+    ``host`` is ``node_id``; ``ip`` is the address of the default route's interface. Keys a
     protocol cannot provide here are simply absent (no ``initiator`` without
     ``/etc/iscsi/initiatorname.iscsi``). The result is JSON-serializable.
 
@@ -171,14 +166,14 @@ def connector_properties(
 
     try:
         props = connector.get_connector_properties(
-            _root_helper, my_ip or _guess_ip(), multipath, enforce_multipath, host=node_id
+            _root_helper, _guess_ip(), MULTIPATH, enforce_multipath=False, host=node_id
         )
     except Exception as exc:
         raise BrickError(
-            f"cannot collect this node's connector properties (multipath={multipath}): {_detail(exc, {})}",
+            f"cannot collect this node's connector properties (multipath={MULTIPATH}): {_detail(exc, {})}",
             operation="connector properties",
         ) from exc
-    return json.loads(json.dumps(props, default=str))
+    return _json_copy(props)
 
 
 def _split(connection_info: Mapping[str, Any], operation: str) -> tuple[str, dict[str, Any]]:
@@ -198,7 +193,7 @@ def _split(connection_info: Mapping[str, Any], operation: str) -> tuple[str, dic
     return protocol, data
 
 
-def _connector(protocol: str, multipath: bool, device_scan_attempts: int, operation: str) -> Any:
+def _connector(protocol: str, operation: str) -> Any:
     from os_brick.initiator import connector
 
     name = protocol.upper()
@@ -211,9 +206,8 @@ def _connector(protocol: str, multipath: bool, device_scan_attempts: int, operat
             operation=operation,
             protocol=protocol,
         )
-    key = (name, multipath, device_scan_attempts)
     with _lock:
-        conn = _connectors.get(key)
+        conn = _connectors.get(name)
         if conn is None:
             extra: dict[str, Any] = {}
             if name == "RBD":
@@ -222,8 +216,8 @@ def _connector(protocol: str, multipath: bool, device_scan_attempts: int, operat
                 conn = connector.InitiatorConnector.factory(
                     name,
                     _root_helper,
-                    use_multipath=multipath,
-                    device_scan_attempts=device_scan_attempts,
+                    use_multipath=MULTIPATH,
+                    device_scan_attempts=DEVICE_SCAN_ATTEMPTS,
                     **extra,
                 )
             except Exception as exc:
@@ -232,13 +226,11 @@ def _connector(protocol: str, multipath: bool, device_scan_attempts: int, operat
                     operation=operation,
                     protocol=protocol,
                 ) from exc
-            _connectors[key] = conn
+            _connectors[name] = conn
     return conn
 
 
-def attach(
-    connection_info: Mapping[str, Any], multipath: bool = False, *, device_scan_attempts: int = DEVICE_SCAN_ATTEMPTS
-) -> dict[str, Any]:
+def attach(connection_info: Mapping[str, Any]) -> dict[str, Any]:
     """Connect the volume to this host: os-brick's ``device_info``, ``{'type': ..., 'path': '/dev/...', ...}``.
 
     Idempotent as os-brick is: connecting an attached volume again returns its device. ``path`` is the
@@ -247,7 +239,7 @@ def attach(
     _ensure_setup()
     operation = "attach"
     protocol, data = _split(connection_info, operation)
-    conn = _connector(protocol, multipath, device_scan_attempts, operation)
+    conn = _connector(protocol, operation)
     try:
         device_info = conn.connect_volume(data)
     except Exception as exc:
@@ -260,35 +252,26 @@ def attach(
             operation=operation,
             protocol=protocol,
         )
-    return json.loads(json.dumps(device_info, default=str))
+    return _json_copy(device_info)
 
 
-def detach(
-    connection_info: Mapping[str, Any],
-    device_info: Mapping[str, Any] | None,
-    force: bool = False,
-    *,
-    multipath: bool = False,
-    ignore_errors: bool = False,
-) -> None:
+def detach(connection_info: Mapping[str, Any], device_info: Mapping[str, Any] | None) -> None:
     """Disconnect the volume from this host (os-brick's ``disconnect_volume``) using the attach's ``device_info``.
 
-    ``force`` disconnects even if flushing buffered data fails (data may be lost); ``ignore_errors`` goes
-    on past failures to remove every path. Secrets are not needed: pass the stored, secret-free
-    connection info.
+    Secrets are not needed: pass the stored, secret-free connection info.
     """
     _ensure_setup()
     operation = "detach"
     protocol, data = _split(connection_info, operation)
-    conn = _connector(protocol, multipath, DEVICE_SCAN_ATTEMPTS, operation)
+    conn = _connector(protocol, operation)
     info = copy.deepcopy(dict(device_info)) if device_info is not None else None
     try:
-        conn.disconnect_volume(data, info, force=force, ignore_errors=ignore_errors)
+        conn.disconnect_volume(data, info)
     except Exception as exc:
         raise _failure(operation, protocol, data, exc) from exc
 
 
-def extend(connection_info: Mapping[str, Any], *, multipath: bool = False) -> int | None:
+def extend(connection_info: Mapping[str, Any]) -> int | None:
     """Make the host see the attached volume's new size; the size in bytes, None if the connector can't.
 
     For ``local`` os-brick 7 returns the device's current size (``blockdev --getsize64``): a loop device
@@ -297,7 +280,7 @@ def extend(connection_info: Mapping[str, Any], *, multipath: bool = False) -> in
     _ensure_setup()
     operation = "extend"
     protocol, data = _split(connection_info, operation)
-    conn = _connector(protocol, multipath, DEVICE_SCAN_ATTEMPTS, operation)
+    conn = _connector(protocol, operation)
     try:
         size = conn.extend_volume(data)
     except NotImplementedError:
@@ -305,6 +288,12 @@ def extend(connection_info: Mapping[str, Any], *, multipath: bool = False) -> in
     except Exception as exc:
         raise _failure(operation, protocol, data, exc) from exc
     return int(size) if size is not None else None
+
+
+def _json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of what os-brick returned that JSON can hold (anything else as its ``str``)."""
+    copied: dict[str, Any] = json.loads(json.dumps(value, default=str))
+    return copied
 
 
 def _secret_values(value: Any, secret: bool = False) -> list[str]:

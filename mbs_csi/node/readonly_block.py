@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mbs_csi.node import mounts
+from mbs_csi.node.commands import QUICK_TIMEOUT, run
 
 SYS_BLOCK = Path("/sys/block")
 
@@ -24,7 +24,7 @@ SYS_BLOCK = Path("/sys/block")
 def views(device: str) -> list[str]:
     """The read-only loop devices over ``device``."""
     real = os.path.realpath(device)
-    found = []
+    found: list[str] = []
     for loop in sorted(SYS_BLOCK.glob("loop*")):
         try:
             read_only = (loop / "ro").read_text().strip() == "1"
@@ -36,23 +36,23 @@ def views(device: str) -> list[str]:
     return found
 
 
-def view(device: str, *, timeout: float = mounts.QUICK_TIMEOUT) -> str:
+def view(device: str, *, timeout: float = QUICK_TIMEOUT) -> str:
     """A read-only loop device over ``device``: the one there is, or a new one."""
     existing = views(device)
     if existing:
         return existing[0]
     real = os.path.realpath(device)
-    made = mounts.run(["losetup", "--read-only", "--find", "--show", real], f"making {real} read-only", timeout)
+    made = run(["losetup", "--read-only", "--find", "--show", real], f"making {real} read-only", timeout)
     return made.stdout.strip()
 
 
-def refresh(device: str, *, timeout: float = mounts.QUICK_TIMEOUT) -> None:
+def refresh(device: str, *, timeout: float = QUICK_TIMEOUT) -> None:
     """Give the views of ``device`` its new size, after it grew."""
     for loop in views(device):
-        mounts.run(["losetup", "--set-capacity", loop], f"resizing the read-only view {loop}", timeout)
+        run(["losetup", "--set-capacity", loop], f"resizing the read-only view {loop}", timeout)
 
 
-def release(device: str, *, timeout: float = mounts.QUICK_TIMEOUT) -> None:
+def release(device: str, *, timeout: float = QUICK_TIMEOUT) -> None:
     """Detach every view of ``device``."""
     for loop in views(device):
-        mounts.run(["losetup", "--detach", loop], f"detaching the read-only view {loop} of {device}", timeout)
+        run(["losetup", "--detach", loop], f"detaching the read-only view {loop} of {device}", timeout)

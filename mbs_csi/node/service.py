@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -15,12 +14,20 @@ from mbs_csi import capabilities, errors
 from mbs_csi.capabilities import require
 from mbs_csi.config import Settings
 from mbs_csi.inflight import InFlight
-from mbs_csi.node import brick, mounts, readonly_block
+from mbs_csi.node import brick, readonly_block
+from mbs_csi.node.devices import block_device_size
+from mbs_csi.node.formatting import NotBlankError, format_device
+from mbs_csi.node.inspection import inspect
+from mbs_csi.node.mount_error import MountError
+from mbs_csi.node.mountinfo import is_mounted, mounted_device
+from mbs_csi.node.mounting import mount, unmount
+from mbs_csi.node.paths import apply_group, ensure_dir, ensure_file
+from mbs_csi.node.resizing import resize_filesystem
 from mbs_csi.node.store import Attachment, AttachmentStore
+from mbs_csi.node.usage import filesystem_stats
 from mbs_csi.publish_context import from_publish_context
 
 RPC = csi_pb2.NodeServiceCapability.RPC
-errors.register(mounts.MountError, grpc.StatusCode.INTERNAL)
 
 
 def _mount_options(fs_type: str, flags: list[str]) -> list[str]:
@@ -34,30 +41,6 @@ def _access(capability: csi_pb2.VolumeCapability) -> capabilities.Access:
     return capabilities.access([capability], multiattach=True)
 
 
-def inspect(staged: Attachment) -> tuple[str | None, int]:
-    """(Why a staged volume is not as recorded, or None when it is; its device's size in bytes, 0 if gone.)"""
-    device = staged.device_path
-    # A device node can outlive its device (a detached loop device keeps /dev/loopN): no capacity is gone too.
-    size = _size_or_zero(device) if os.path.exists(device) else 0
-    if size == 0:
-        return f"device {device} is gone", 0
-    if staged.access_type == "mount" and mounts.mounted_device(staged.staging_path) != os.path.realpath(device):
-        return f"{staged.staging_path} no longer has {device} mounted", size
-    return None, size
-
-
-def attachment_problem(staged: Attachment) -> str | None:
-    """Why a staged volume is not as recorded (device gone, mount vanished), or None when it is."""
-    return inspect(staged)[0]
-
-
-def _size_or_zero(device: str) -> int:
-    try:
-        return mounts.block_device_size(device)
-    except mounts.MountError:
-        return 0
-
-
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, settings: Settings, store: AttachmentStore) -> None:
         self.settings = settings
@@ -66,7 +49,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # --- info ---------------------------------------------------------------------------------------
 
-    def NodeGetInfo(self, request, context):
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
         topology = csi_pb2.Topology(segments=dict(self.settings.topology)) if self.settings.topology else None
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.settings.node_id,
@@ -74,7 +59,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             accessible_topology=topology,
         )
 
-    def NodeGetCapabilities(self, request, context):
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
         rpcs = [
             RPC.STAGE_UNSTAGE_VOLUME,
             RPC.GET_VOLUME_STATS,
@@ -89,7 +76,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # --- stage --------------------------------------------------------------------------------------
 
-    def NodeStageVolume(self, request, context):
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         require(request.HasField("volume_capability"), "volume_capability")
@@ -127,7 +116,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 )
             except Exception:
                 with contextlib.suppress(Exception):
-                    mounts.unmount(request.staging_target_path)
+                    unmount(request.staging_target_path)
                 with contextlib.suppress(Exception):
                     brick.detach(connection_info, device_info)
                 raise
@@ -138,18 +127,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """Mount the device's filesystem, formatting the device first only when it is blank.
 
         The mount is tried first: a volume staged before (every pod restart) mounts at once, without a
-        probe. A failed mount writes nothing to the device; only then does :func:`mounts.format_device`
-        probe it, formatting a blank device and refusing one that holds anything (never formatted).
+        probe. A failed mount writes nothing to the device; only then does :func:`format_device` probe it,
+        formatting a blank device and refusing one that holds anything (never formatted).
         """
-        mounts.ensure_dir(staging)
+        ensure_dir(staging)
         options = _mount_options(fs_type, flags)
         try:
-            mounts.mount(device, staging, fs_type=fs_type, options=options)
+            mount(device, staging, fs_type=fs_type, options=options)
             return
-        except mounts.MountError as mount_error:
+        except MountError as mount_error:
             try:
-                mounts.format_device(device, fs_type)
-            except mounts.NotBlankError as not_blank:
+                format_device(device, fs_type)
+            except NotBlankError as not_blank:
                 if not_blank.filesystem == fs_type:
                     raise mount_error from None  # the right filesystem, but it does not mount: say why
                 if not_blank.filesystem is not None:
@@ -161,9 +150,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     f"device {device} carries a signature (partition table or similar) but no filesystem; "
                     "refusing to format it"
                 ) from mount_error
-        mounts.mount(device, staging, fs_type=fs_type, options=options)
+        mount(device, staging, fs_type=fs_type, options=options)
 
-    def _restage(self, existing: Attachment, request: Any, access_type: str, fs_type: str) -> Any:
+    def _restage(
+        self, existing: Attachment, request: csi_pb2.NodeStageVolumeRequest, access_type: str, fs_type: str
+    ) -> csi_pb2.NodeStageVolumeResponse:
         if existing.staging_path != request.staging_target_path:
             raise errors.FailedPrecondition(f"volume {existing.volume_id} is already staged at {existing.staging_path}")
         if existing.access_type != access_type or existing.fs_type != fs_type:
@@ -171,9 +162,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"volume {existing.volume_id} is staged as {existing.access_type} {existing.fs_type}".rstrip()
                 + f", not {access_type} {fs_type}".rstrip()
             )
-        if access_type == "mount" and not mounts.is_mounted(existing.staging_path):  # e.g. after a reboot
-            mounts.ensure_dir(existing.staging_path)
-            mounts.mount(
+        if access_type == "mount" and not is_mounted(existing.staging_path):  # e.g. after a reboot
+            ensure_dir(existing.staging_path)
+            mount(
                 existing.device_path,
                 existing.staging_path,
                 fs_type=fs_type,
@@ -181,14 +172,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             )
         return csi_pb2.NodeStageVolumeResponse()
 
-    def NodeUnstageVolume(self, request, context):
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             existing = self.store.get(request.volume_id)
             if existing is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
-            mounts.unmount(existing.staging_path)
+            unmount(existing.staging_path)
             if existing.access_type == "block":
                 readonly_block.release(existing.device_path)  # before the device they hold open
             brick.detach(existing.connection_info, existing.device_info)
@@ -197,7 +190,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # --- publish ------------------------------------------------------------------------------------
 
-    def NodePublishVolume(self, request, context):
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         require(request.target_path, "target_path")
@@ -209,7 +204,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise errors.FailedPrecondition(
                     f"volume {request.volume_id} is not staged at {request.staging_target_path}; stage it first"
                 )
-            if mounts.is_mounted(request.target_path):
+            if is_mounted(request.target_path):
                 if not self._same_mount(request.target_path, staged):
                     raise errors.AlreadyExists(f"{request.target_path} is already mounted with something else")
                 return csi_pb2.NodePublishVolumeResponse()
@@ -217,32 +212,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             readonly = request.readonly or staged.connection_info.get("data", {}).get("access_mode") == "ro"
             if wants.type == "mount":
                 source = staged.staging_path
-                mounts.ensure_dir(request.target_path)
+                ensure_dir(request.target_path)
             else:  # a read-only bind of a device node does not stop writes: see readonly_block
                 source = readonly_block.view(staged.device_path) if readonly else staged.device_path
-                mounts.ensure_file(request.target_path)
+                ensure_file(request.target_path)
             flags = list(request.volume_capability.mount.mount_flags) if wants.type == "mount" else []
-            mounts.mount(source, request.target_path, options=flags, bind=True, readonly=readonly)
+            mount(source, request.target_path, options=flags, bind=True, readonly=readonly)
             group = request.volume_capability.mount.volume_mount_group if wants.type == "mount" else ""
             if group:
                 if not group.isdigit():
-                    mounts.unmount(request.target_path)
+                    unmount(request.target_path)
                     raise errors.InvalidArgument(f"volume_mount_group must be a numeric group id, not {group!r}")
-                mounts.apply_group(request.target_path, int(group))
+                apply_group(request.target_path, int(group))
         return csi_pb2.NodePublishVolumeResponse()
 
     @staticmethod
     def _same_mount(target: str, staged: Attachment) -> bool:
-        device = mounts.mounted_device(target)
+        device = mounted_device(target)
         if device == os.path.realpath(staged.device_path):
             return True
         return staged.access_type == "block" and device in readonly_block.views(staged.device_path)
 
-    def NodeUnpublishVolume(self, request, context):
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.target_path, "target_path")
         with self.inflight.hold(f"target:{request.target_path}"):
-            mounts.unmount(request.target_path)
+            unmount(request.target_path)
             target = Path(request.target_path)
             with contextlib.suppress(FileNotFoundError):
                 target.rmdir() if target.is_dir() else target.unlink()
@@ -256,7 +253,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise errors.NotFound(f"{path} is not a path of volume {volume_id} on this node")
         return staged
 
-    def NodeGetVolumeStats(self, request, context):
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
         require(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
         staged = self.store.get(request.volume_id)
@@ -273,7 +272,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if staged.access_type == "block":
             usage = [Usage(unit=Usage.BYTES, total=device_size)]
         else:
-            stats = mounts.filesystem_stats(request.volume_path)
+            stats = filesystem_stats(request.volume_path)
             usage = [
                 Usage(
                     unit=Usage.BYTES,
@@ -290,15 +289,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             ]
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
-    def NodeExpandVolume(self, request, context):
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             staged = self._staged_at(request.volume_id, request.volume_path)
             brick.extend(staged.connection_info)  # rescans where the protocol needs it (iSCSI, FC...)
             if staged.access_type == "mount":
-                mounts.resize_filesystem(staged.device_path, staged.staging_path, staged.fs_type)
+                resize_filesystem(staged.device_path, staged.staging_path, staged.fs_type)
             else:
                 readonly_block.refresh(staged.device_path)
-            size = mounts.block_device_size(staged.device_path)
+            size = block_device_size(staged.device_path)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)

@@ -8,7 +8,7 @@ filesystem. NodeStageVolume writes the row after attaching; NodeUnstageVolume re
 **No secrets on disk.** Connection info may hold a CHAP password or a Ceph keyring (merged in from the
 node-stage secrets). Every entry whose key looks secret (:func:`mbs_csi.secrets.is_secret_name`,
 at any depth) or whose string value holds a registered secret is dropped before a row is written, in
-``connection_info``, ``device_info`` and ``extra`` alike; what :meth:`AttachmentStore.get` returns is that
+``connection_info`` and ``device_info`` alike; what :meth:`AttachmentStore.get` returns is that
 secret-free copy. ``disconnect_volume`` does not need the secrets (an iSCSI logout or a krbd unmap needs
 no password), which is as well: CSI's NodeUnstageVolume carries no secrets to fill them back from.
 
@@ -59,6 +59,8 @@ _MIGRATIONS: list[list[str]] = [
     ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+# Schema version 1 has an ``extra`` column that nothing reads or writes any more: a new row gets its
+# default, ``'{}'``. It stays, so files written before and after need no migration and read the same.
 
 _COLUMNS = (
     "volume_id",
@@ -69,9 +71,8 @@ _COLUMNS = (
     "device_info",
     "device_path",
     "created_at",
-    "extra",
 )
-_JSON_COLUMNS = ("connection_info", "device_info", "extra")
+_JSON_COLUMNS = ("connection_info", "device_info")
 
 
 class StoreError(Exception):
@@ -90,7 +91,6 @@ class Attachment:
     device_info: dict[str, Any] = field(default_factory=dict)
     device_path: str = ""
     created_at: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.fs_type = self.fs_type or ""
