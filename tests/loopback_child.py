@@ -41,7 +41,7 @@ def main() -> None:
 
     cinderlib.setup(
         persistence_config={"storage": "db", "connection": f"sqlite:///{workdir}/db.sqlite"},
-        file_locks_path=f"{workdir}/locks",
+        file_locks_path=workdir,  # as the controller's workers: the lock files in the state path
         state_path=workdir,
         disable_logs=False,
         debug=True,

@@ -54,7 +54,7 @@ def main() -> None:
     adapter = Adapter(
         WorkerConfig(database=database, state_dir=workdir, log_level="WARNING", backends=(spec,), secrets=())
     )
-    backend, rows, persistence = adapter.backends["loop"], adapter.rows, adapter.persistence
+    backend, rows, persistence = adapter.backends.get("loop"), adapter.rows, adapter.persistence
     engine = sqlalchemy.create_engine(database)
     out: dict[str, Any] = {}
 
@@ -76,6 +76,7 @@ def main() -> None:
 
     # The same rows loaded by cinderlib and by rows.volume: the related rows load lazily, and match.
     loaded = rows.volume(ours.id)
+    assert loaded is not None
     out["loaded_volume"] = {"cinderlib": fields(reload_volume(ours.id), set()), "rows": fields(loaded, set())}
     out["loaded_volume_lazy"] = {
         "metadata": loaded._ovo.metadata,

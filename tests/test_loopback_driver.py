@@ -104,6 +104,11 @@ def bound_to(path: Path) -> list[str]:
     return out.split()
 
 
+def lock_file(workdir: Path, volume_name: str) -> Path:
+    """The volume's lock file: cinder.coordination's file lock, in the children's ``file_locks_path``."""
+    return workdir / f"cinder-loopback-{volume_name}"
+
+
 def backing_file(device: str) -> str:
     return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
 
@@ -293,15 +298,16 @@ def test_device_still_open_at_disconnect_is_not_reused(child: Child, vol: dict[s
     assert bound_to(vol["path"]) == [second]
 
 
-def test_delete_detaches_and_removes_file(child: Child, loopback_dir: Path) -> None:
+def test_delete_detaches_and_removes_file(child: Child, workdir: Path, loopback_dir: Path) -> None:
     info = child.call("create", size=1)
     path = loopback_dir / info["name"]
     child.call("connect", id=info["id"])
     assert bound_to(path)
+    assert lock_file(workdir, info["name"]).exists()
     child.call("delete", id=info["id"])
     assert not path.exists()
     assert not loop_devices_under(loopback_dir)
-    assert not (loopback_dir / f".{info['name']}.lock").exists()
+    assert not lock_file(workdir, info["name"]).exists()
 
 
 def test_delete_when_file_is_already_gone(child: Child, loopback_dir: Path) -> None:
@@ -318,7 +324,7 @@ def test_delete_snapshot_when_file_is_already_gone(child: Child, vol: dict[str, 
     child.call("delete_snapshot", id=snap["id"])
 
 
-def test_operations_on_missing_source_fail_clearly(child: Child, vol: dict[str, Any]) -> None:
+def test_operations_on_missing_source_fail_clearly(child: Child, vol: dict[str, Any], workdir: Path) -> None:
     vol["path"].unlink()
     with pytest.raises(ChildError, match=r"VolumeBackendAPIException: .*volume file .* does not exist"):
         child.call("clone", id=vol["id"])
@@ -326,7 +332,7 @@ def test_operations_on_missing_source_fail_clearly(child: Child, vol: dict[str, 
         child.call("connect", id=vol["id"])
     with pytest.raises(ChildError, match="does not exist"):
         child.call("extend", id=vol["id"], size=2)
-    assert not (vol["path"].parent / f".{vol['name']}.lock").exists()
+    assert not lock_file(workdir, vol["name"]).exists()
 
 
 def test_stats_report_the_real_filesystem(child: Child, vol: dict[str, Any], loopback_dir: Path) -> None:

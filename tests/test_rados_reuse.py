@@ -6,6 +6,7 @@ sees, a blocklisted connection replaced)."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 
@@ -23,15 +24,17 @@ class StandInDriver:
 
     def __init__(self) -> None:
         self.numbers = itertools.count(1)
-        self.opened: list[tuple] = []
+        self.opened: list[tuple[str | None, dict[str, Any] | None, int | None]] = []
         self.closed: list[int] = []
 
-    def _connect_to_rados(self, pool=None, remote=None, timeout=None):
+    def _connect_to_rados(
+        self, pool: str | None = None, remote: dict[str, Any] | None = None, timeout: int | None = None
+    ) -> tuple[StandInClient, str]:
         self.opened.append((pool, remote, timeout))
         client = StandInClient(next(self.numbers))
         return client, f"ioctx-{client.number}"
 
-    def _disconnect_from_rados(self, client, ioctx):
+    def _disconnect_from_rados(self, client: StandInClient, ioctx: str) -> None:
         assert ioctx == f"ioctx-{client.number}"
         client.state = "shutdown"
         self.closed.append(client.number)
@@ -42,24 +45,31 @@ def driver() -> StandInDriver:
     return StandInDriver()
 
 
-def test_a_released_connection_is_handed_out_again(driver):
+def reusing(driver: StandInDriver) -> rados_reuse.RadosConnections:
+    """Make ``driver`` reuse its connections, which it can: it has both connection methods."""
     connections = rados_reuse.reuse_connections(driver)
     assert connections is not None
+    return connections
+
+
+def test_a_released_connection_is_handed_out_again(driver: StandInDriver) -> None:
+    connections = reusing(driver)
     for _ in range(5):
         client, ioctx = driver._connect_to_rados("volumes")
         driver._disconnect_from_rados(client, ioctx)
     assert driver.opened == [("volumes", None, None)] and driver.closed == [] and connections.opened == 1
 
 
-def test_connections_are_kept_per_pool_cluster_and_timeout(driver):
-    rados_reuse.reuse_connections(driver)
-    for args in [("volumes",), ("images",), ("volumes", {"name": "dr"}), ("volumes", None, 5)] * 2:
+def test_connections_are_kept_per_pool_cluster_and_timeout(driver: StandInDriver) -> None:
+    reusing(driver)
+    calls: list[tuple[Any, ...]] = [("volumes",), ("images",), ("volumes", {"name": "dr"}), ("volumes", None, 5)]
+    for args in calls * 2:
         driver._disconnect_from_rados(*driver._connect_to_rados(*args))
     assert len(driver.opened) == 4
 
 
-def test_nested_connections_beyond_keep_are_shut_down(driver):
-    connections = rados_reuse.reuse_connections(driver)
+def test_nested_connections_beyond_keep_are_shut_down(driver: StandInDriver) -> None:
+    connections = reusing(driver)
     held = [driver._connect_to_rados() for _ in range(connections.keep + 2)]
     for pair in held:
         driver._disconnect_from_rados(*pair)
@@ -69,8 +79,8 @@ def test_nested_connections_beyond_keep_are_shut_down(driver):
     assert {c.number for c, _ in again}.isdisjoint(driver.closed)
 
 
-def test_a_connection_released_during_an_exception_is_not_kept(driver):
-    rados_reuse.reuse_connections(driver)
+def test_a_connection_released_during_an_exception_is_not_kept(driver: StandInDriver) -> None:
+    reusing(driver)
     client, ioctx = driver._connect_to_rados()
     try:
         raise OSError(108, "connection shut down")
@@ -80,8 +90,10 @@ def test_a_connection_released_during_an_exception_is_not_kept(driver):
     assert driver._connect_to_rados()[0] is not client
 
 
-def test_an_idle_connection_past_max_idle_or_shut_down_is_replaced(driver, monkeypatch):
-    connections = rados_reuse.reuse_connections(driver)
+def test_an_idle_connection_past_max_idle_or_shut_down_is_replaced(
+    driver: StandInDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connections = reusing(driver)
     now = [1000.0]
     monkeypatch.setattr(rados_reuse.time, "monotonic", lambda: now[0])
     first = driver._connect_to_rados()
@@ -95,8 +107,8 @@ def test_an_idle_connection_past_max_idle_or_shut_down_is_replaced(driver, monke
     assert third[0] is not second[0] and len(driver.opened) == 3
 
 
-def test_drop_idle_shuts_every_idle_connection_down(driver):
-    connections = rados_reuse.reuse_connections(driver)
+def test_drop_idle_shuts_every_idle_connection_down(driver: StandInDriver) -> None:
+    connections = reusing(driver)
     pairs = [driver._connect_to_rados("volumes"), driver._connect_to_rados("images")]
     for pair in pairs:
         driver._disconnect_from_rados(*pair)
@@ -106,7 +118,7 @@ def test_drop_idle_shuts_every_idle_connection_down(driver):
     assert len(driver.opened) == 3
 
 
-def test_a_driver_without_rados_connections_is_left_alone():
+def test_a_driver_without_rados_connections_is_left_alone() -> None:
     class LoopbackLike:
         pass
 

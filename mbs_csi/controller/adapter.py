@@ -1,7 +1,8 @@
-"""cinderlib, seen from a backend worker: the only module of the driver that imports cinder/cinderlib.
+"""The backend operations a worker runs for the front, on cinderlib.
 
 Each public ``op_*`` method is one operation the front can ask for (``Adapter.run``). They return plain
-records (``records.py``) and raise the driver's own errors; cinder's exceptions are translated here.
+records (``records.py``) and raise the driver's own errors; cinder's exceptions are translated by
+``failures.py``.
 
 Crash safety: a new volume or snapshot is recorded in the database (status ``creating``) *before* the
 driver is asked to make it, and the record is removed again when the driver call fails. If the process
@@ -12,178 +13,54 @@ the storage holds under it before trying again: nothing is left on the storage w
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import logging
-import os
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import cinderlib
-import sqlalchemy
 from cinder import exception as cinder_exception
-from cinder.db.sqlalchemy import api as cinder_db
 from cinderlib import objects
 
-from mbs_csi import errors, logs
-from mbs_csi.controller.persistence import SecretFreePersistence
-from mbs_csi.controller.rados_reuse import RadosConnections, reuse_connections
-from mbs_csi.controller.records import BackendSpec, SnapshotRecord, VolumeRecord, WorkerConfig
+from mbs_csi import errors
+from mbs_csi.controller import database, failures
+from mbs_csi.controller.backends import Backends, setup_cinderlib
+from mbs_csi.controller.cinder_records import snapshot_record, volume_record
+from mbs_csi.controller.records import SnapshotRecord, VolumeRecord, WorkerConfig
 from mbs_csi.controller.rows import Rows
+from mbs_csi.controller.stats import summarize_stats
 
 log = logging.getLogger("mbs_csi.adapter")
 
 CONNECTOR_KEY = "connector:{node}"
 USABLE = ("available", "in-use")
-# Every replica names itself the same, so volume "host" fields do not depend on which one made them.
-CINDER_HOST = "mbs-csi"
-
-
-def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
-    """Make the embedded SQLite database cheap to use from several worker processes.
-
-    - Keep connections open: SQLAlchemy 1.4 opens a new SQLite connection for every transaction
-      (NullPool), which costs more than the statements themselves. A worker runs one call at a time,
-      so a small pool suffices. (SQLAlchemy 2 pools SQLite connections by default.)
-    - Write-ahead log: readers no longer wait for a writer in another worker, and a commit costs one
-      fsync instead of several. ``synchronous=FULL`` keeps every commit durable.
-    """
-    old = engine.pool
-    # Same connection factory and event listeners (oslo.db's among them), pooled.
-    engine.pool = sqlalchemy.pool.QueuePool(
-        old._creator, pool_size=1, max_overflow=4, dialect=old._dialect, _dispatch=old.dispatch
-    )
-    old.dispose()
-
-    @sqlalchemy.event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.close()
-
-
-# Seconds to wait before each new attempt of an operation the storage library refused as busy.
-BUSY_RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0)
-
-
-def _busy(exc: Exception) -> bool:
-    """Whether the storage refused because something else is using the volume or snapshot right now."""
-    return isinstance(exc, cinder_exception.VolumeIsBusy | cinder_exception.SnapshotIsBusy) or _library_busy(exc)
-
-
-def _library_busy(exc: Exception) -> bool:
-    """A storage library's own "busy" that the driver let through without retrying, such as librbd's
-    ImageBusy when several clients change one image's snapshots at once (seen at 16 concurrent
-    DeleteSnapshot calls on Ceph). Cinder's *IsBusy come after the driver's own retries."""
-    return type(exc).__name__ == "ImageBusy"
-
-
-def _connection_lost(exc: BaseException | None) -> bool:
-    """True when ``exc`` or an exception behind it says the storage connection was shut down (ESHUTDOWN:
-    a blocklisted Ceph client, for one); a new connection may well succeed."""
-    for _ in range(10):  # a chain can loop back on itself
-        if exc is None:
-            return False
-        if getattr(exc, "errno", None) == errno.ESHUTDOWN:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _translate(exc: Exception) -> errors.CSIError | None:
-    """Our error for a cinder exception, or None to let it surface as an unexpected failure."""
-    message = str(getattr(exc, "msg", None) or exc)
-    if _busy(exc):
-        return errors.Aborted(
-            f"the storage reports the volume or snapshot busy ({type(exc).__name__}: {message}); try again later"
-        )
-    if isinstance(exc, cinder_exception.NotFound):
-        return errors.NotFound(message)
-    if isinstance(exc, cinder_exception.InvalidInput | cinder_exception.InvalidVolume):
-        return errors.FailedPrecondition(message)
-    if isinstance(exc, cinder_exception.CinderException):
-        return errors.Internal(f"the storage backend refused: {message}")
-    return None
 
 
 class Adapter:
+    """The backend operations of one worker process (cinderlib is set up once per process)."""
+
     def __init__(self, config: WorkerConfig) -> None:
-        os.makedirs(os.path.join(config.state_dir, "locks"), exist_ok=True)
-        cinderlib.setup(
-            persistence_config={"storage": SecretFreePersistence, "connection": config.database},
-            file_locks_path=os.path.join(config.state_dir, "locks"),
-            state_path=os.path.join(config.state_dir, "cinder"),
-            disable_logs=False,
-            host=CINDER_HOST,
-        )
-        logs.setup(config.log_level)  # cinderlib's setup installed oslo.log's handlers, which do not scrub
+        setup_cinderlib(config)
         self.persistence = cinderlib.Backend.persistence
-        engine = cinder_db.get_engine()
-        if engine.dialect.name == "sqlite":
-            _tune_sqlite(engine)
-        self.rows = Rows(engine, self.persistence)
-        self.backends: dict[str, cinderlib.Backend] = {}
-        self.backend_errors: dict[str, str | None] = {}
-        self._connections: dict[str, RadosConnections] = {}
-        self._specs = {spec.name: spec for spec in config.backends}
-        for spec in config.backends:
-            self._init_backend(spec)
+        self.rows = Rows(database.engine(), self.persistence)
+        self.backends = Backends(config.backends)
 
-    def _init_backend(self, spec: BackendSpec) -> None:
-        try:
-            backend = cinderlib.Backend(volume_backend_name=spec.name, volume_driver=spec.volume_driver, **spec.options)
-            self.backends[spec.name] = backend
-            self.backend_errors[spec.name] = None
-            connections = reuse_connections(backend.driver)
-            if connections is not None:
-                self._connections[spec.name] = connections
-        except Exception as exc:
-            log.warning("backend %s failed to initialise: %s: %s", spec.name, type(exc).__name__, exc)
-            self.backend_errors[spec.name] = f"{type(exc).__name__}: {exc}"
-
-    def backend(self, name: str) -> cinderlib.Backend:
-        if name not in self._specs:
-            raise errors.InvalidArgument(f"unknown backend {name!r}")
-        if name not in self.backends:  # failed before: try again, the storage may be back
-            self._init_backend(self._specs[name])
-        if name not in self.backends:
-            raise errors.Unavailable(f"backend {name} is not initialised: {self.backend_errors[name]}")
-        return self.backends[name]
+    @property
+    def backend_errors(self) -> dict[str, str | None]:
+        """Backend name -> why it failed to initialise, or None: the worker reports it when ready."""
+        return self.backends.errors
 
     def run(self, operation: str, kwargs: dict[str, Any]) -> Any:
         method: Callable[..., Any] | None = getattr(self, f"op_{operation}", None)
         if method is None:
             raise errors.Internal(f"unknown backend operation {operation!r}")
-        busy_delays = iter(BUSY_RETRY_DELAYS)
-        reconnected = False
-        while True:  # every operation is idempotent: running it again is safe
-            try:
-                return method(**kwargs)
-            except errors.CSIError:
-                raise
-            except Exception as exc:
-                self.drop_idle_connections()  # whatever failed may have broken them
-                if not reconnected and _connection_lost(exc):
-                    log.info("%s: the storage connection was shut down (%s); trying again on a new one", operation, exc)
-                    reconnected = True
-                    continue
-                delay = next(busy_delays, None) if _library_busy(exc) else None
-                if delay is not None:
-                    log.info("%s: the storage is busy (%s); trying again in %.1f s", operation, exc, delay)
-                    time.sleep(delay)
-                    continue
-                translated = _translate(exc)
-                if translated is None:
-                    raise
-                raise translated from exc
+        # After a failure, drop the idle connections: whatever failed may have broken them.
+        return failures.retrying(operation, partial(method, **kwargs), after_failure=self.drop_idle_connections)
 
     def drop_idle_connections(self) -> None:
         """Shut down the storage connections kept open between calls (see :mod:`rados_reuse`)."""
-        for connections in self._connections.values():
-            connections.drop_idle()
+        self.backends.drop_idle_connections()
 
     # --- lookups ------------------------------------------------------------------------------------
 
@@ -211,8 +88,8 @@ class Adapter:
     def op_list_snapshots(self) -> list[SnapshotRecord]:
         return [snapshot_record(s) for s in self.persistence.get_snapshots()]
 
-    def op_stats(self, backend: str, refresh: bool = True) -> dict[str, Any]:
-        return summarize_stats(self.backend(backend).stats(refresh=refresh))
+    def op_stats(self, backend: str) -> dict[str, Any]:
+        return summarize_stats(self.backends.get(backend).stats(refresh=True))
 
     def op_volume_present(self, volume_id: str) -> tuple[bool | None, str]:
         """Whether the storage still has the volume: (True/False, why) or (None, why) when unknowable.
@@ -255,7 +132,7 @@ class Adapter:
 
         # Built from the backend, never copied from a source volume: a copy would inherit the source's
         # provider_location, created_at and the like.
-        target = self.backend(backend)
+        target = self.backends.get(backend)
         fields: dict[str, Any] = {"name": name, "metadata": metadata, "status": "creating"}
         make: Callable[[], Any]
         if source_snapshot_id:
@@ -303,7 +180,7 @@ class Adapter:
         except cinder_exception.NotFound:
             pass
         except Exception as exc:
-            if not _busy(exc):
+            if not failures.busy(exc):
                 resource._ovo.status = "error_deleting"
                 resource.save()
             raise
@@ -403,68 +280,3 @@ class Adapter:
 def _utcnow() -> datetime.datetime:
     """Now, as the naive UTC datetime cinder keeps."""
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-
-
-def _epoch(ovo: Any) -> float:
-    """``created_at`` as seconds since the epoch; cinder keeps naive UTC datetimes."""
-    if not ovo.obj_attr_is_set("created_at") or ovo.created_at is None:
-        return 0.0
-    created = ovo.created_at
-    return (created if created.tzinfo else created.replace(tzinfo=datetime.UTC)).timestamp()
-
-
-def volume_record(
-    volume: objects.Volume, published: dict[str, str] | None = None, snapshot_ids: tuple[str, ...] | None = None
-) -> VolumeRecord:
-    """The record of ``volume``; pass ``published``/``snapshot_ids`` when known, to skip reading them."""
-    ovo = volume._ovo
-    return VolumeRecord(
-        id=volume.id,
-        name=ovo.display_name or "",
-        backend=volume.backend.id,
-        size_gib=ovo.size,
-        status=ovo.status,
-        created_at=_epoch(ovo),
-        source_volume_id=ovo.source_volid,
-        source_snapshot_id=ovo.snapshot_id,
-        metadata=dict(ovo.metadata or {}),
-        published={c.attached_host: c.attach_mode for c in volume.connections} if published is None else published,
-        snapshot_ids=tuple(s.id for s in volume.snapshots) if snapshot_ids is None else snapshot_ids,
-    )
-
-
-def snapshot_record(snapshot: objects.Snapshot) -> SnapshotRecord:
-    ovo = snapshot._ovo
-    return SnapshotRecord(
-        id=snapshot.id,
-        name=ovo.display_name or "",
-        volume_id=ovo.volume_id,
-        size_gib=ovo.volume_size,
-        status=ovo.status,
-        created_at=_epoch(ovo),
-    )
-
-
-def _gib(value: Any) -> float | None:
-    """Cinder reports capacities in GiB, or as 'infinite'/'unknown'."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def summarize_stats(stats: dict[str, Any]) -> dict[str, Any]:
-    """The driver's stats reduced to what the controller and ``backend check`` use."""
-    pools = stats.get("pools") or [stats]
-    totals = [_gib(p.get("total_capacity_gb")) for p in pools]
-    frees = [_gib(p.get("free_capacity_gb")) for p in pools]
-    return {
-        "total_capacity_gb": None if None in totals else sum(totals),  # type: ignore[arg-type]
-        "free_capacity_gb": None if None in frees else sum(frees),  # type: ignore[arg-type]
-        "storage_protocol": stats.get("storage_protocol"),
-        "vendor_name": stats.get("vendor_name"),
-        "driver_version": stats.get("driver_version"),
-        "thin_provisioning": any(p.get("thin_provisioning_support") for p in pools),
-        "multiattach": bool(stats.get("multiattach")) or any(p.get("multiattach") for p in pools),
-        "pools": [p.get("pool_name") for p in pools],
-    }

@@ -17,7 +17,7 @@ class VolumeRecord:
     created_at: float  # seconds since the epoch
     source_volume_id: str | None = None
     source_snapshot_id: str | None = None
-    # CSI facts about the volume, kept in the volume's metadata (see adapter.CSI_METADATA_KEYS)
+    # CSI facts about the volume, kept in the volume's metadata (see service.META_*)
     metadata: dict[str, str] = field(default_factory=dict)
     # node id -> attach mode ("rw" or "ro")
     published: dict[str, str] = field(default_factory=dict)

@@ -22,7 +22,7 @@ schema is the pinned cinder release's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import sqlalchemy
 from cinder import objects as cinder_objects
@@ -39,7 +39,7 @@ _DEPENDENTS = sqlalchemy.text(
     "UNION ALL SELECT 'node', attached_host FROM volume_attachment WHERE volume_id = :id AND deleted = :deleted"
 )
 
-Resource = objects.Volume | objects.Snapshot
+Resource: TypeAlias = objects.Volume | objects.Snapshot
 
 
 @dataclass(frozen=True)

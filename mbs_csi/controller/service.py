@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi import csi_pb2, csi_pb2_grpc
@@ -122,7 +123,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # --- volumes ------------------------------------------------------------------------------------
 
-    def CreateVolume(self, request, context):
+    def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateVolumeResponse:
         require(request.name, "name")
         backend = validate.backend_for(self.settings, request.parameters)
         caps = list(request.volume_capabilities)
@@ -200,20 +203,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 + "; ".join(differences)
             )
 
-    def DeleteVolume(self, request, context):
+    def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteVolumeResponse:
         require(request.volume_id, "volume_id")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             self._call("delete_volume", volume_id=request.volume_id)
         return csi_pb2.DeleteVolumeResponse()
 
-    def ControllerPublishVolume(self, request, context):
+    def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.node_id, "node_id")
         require(request.HasField("volume_capability"), "volume_capability")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             record = self._volume(request.volume_id)
             backend = self.settings.backend(record.backend)
-            multiattach = bool(backend) and self.stats(backend)["multiattach"]
+            multiattach = backend is not None and self.stats(backend)["multiattach"]
             wants = access([request.volume_capability], multiattach=multiattach)
             mode = "ro" if request.readonly else "rw"
             if request.node_id in record.published:
@@ -245,13 +252,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             )
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=to_publish_context(info))
 
-    def ControllerUnpublishVolume(self, request, context):
+    def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
         require(request.volume_id, "volume_id")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             self._call("disconnect", volume_id=request.volume_id, node_id=request.node_id or None)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
-    def ValidateVolumeCapabilities(self, request, context):
+    def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         require(request.volume_id, "volume_id")
         require(list(request.volume_capabilities), "volume_capabilities")
         record = self._volume(request.volume_id)
@@ -259,7 +270,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         try:
             validate.backend_for(self.settings, request.parameters)
             wants = access(
-                request.volume_capabilities, multiattach=bool(backend) and self.stats(backend)["multiattach"]
+                request.volume_capabilities, multiattach=backend is not None and self.stats(backend)["multiattach"]
             )
         except errors.InvalidArgument as exc:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=str(exc))
@@ -276,7 +287,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             )
         )
 
-    def ListVolumes(self, request, context):
+    def ListVolumes(
+        self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListVolumesResponse:
         records = [r for r in self._call("list_volumes") if r.status in USABLE]
         page, next_token = paginate(records, lambda r: r.id, request.max_entries, request.starting_token)
         entries = [
@@ -288,7 +301,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         ]
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
 
-    def GetCapacity(self, request, context):
+    def GetCapacity(
+        self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetCapacityResponse:
         backend = validate.backend_for(self.settings, request.parameters)
         stats = self.stats(backend)
         empty = csi_pb2.GetCapacityResponse(available_capacity=0)
@@ -308,7 +323,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             minimum_volume_size={"value": validate.DEFAULT_SIZE_GIB * GIB},
         )
 
-    def ControllerGetCapabilities(self, request, context):
+    def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         rpcs = [
             RPC.CREATE_DELETE_VOLUME,
             RPC.PUBLISH_UNPUBLISH_VOLUME,
@@ -329,7 +346,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in rpcs]
         )
 
-    def ControllerExpandVolume(self, request, context):
+    def ControllerExpandVolume(
+        self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.HasField("capacity_range"), "capacity_range")
         with self.inflight.hold(f"volume:{request.volume_id}"):
@@ -345,7 +364,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         # The node has work either way: grow the filesystem, or rescan the device for a block volume.
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=record.size_bytes, node_expansion_required=True)
 
-    def ControllerGetVolume(self, request, context):
+    def ControllerGetVolume(
+        self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetVolumeResponse:
         require(request.volume_id, "volume_id")
         record = self._volume(request.volume_id)
         present, why = self._call("volume_present", volume_id=record.id)
@@ -359,7 +380,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # --- snapshots ----------------------------------------------------------------------------------
 
-    def CreateSnapshot(self, request, context):
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
         require(request.name, "name")
         require(request.source_volume_id, "source_volume_id")
         with self.inflight.hold(f"snapshot-name:{request.name}", shared=[f"volume:{request.source_volume_id}"]):
@@ -371,13 +394,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 )
         return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(record))
 
-    def DeleteSnapshot(self, request, context):
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
         require(request.snapshot_id, "snapshot_id")
         with self.inflight.hold(f"snapshot:{request.snapshot_id}"):
             self._call("delete_snapshot", snapshot_id=request.snapshot_id)
         return csi_pb2.DeleteSnapshotResponse()
 
-    def ListSnapshots(self, request, context):
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
         records = [s for s in self._call("list_snapshots") if s.status == "available"]
         if request.snapshot_id:
             records = [s for s in records if s.id == request.snapshot_id]
@@ -389,7 +416,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             next_token=next_token,
         )
 
-    def GetSnapshot(self, request, context):
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
         require(request.snapshot_id, "snapshot_id")
         record = self._call("get_snapshot", snapshot_id=request.snapshot_id)
         if record is None or record.status != "available":

@@ -12,7 +12,6 @@ Layout under ``loopback_dir``:
 - ``snapshot-<id>``: a snapshot, a full copy of its volume taken when it was created;
 - ``.tmp-*``: a create or copy in progress, given its real name only once complete, so a crash never
   leaves a half-written file under a volume or snapshot name (one left by a crash can be deleted);
-- ``.<name>.lock``: the inter-process lock guarding the loop devices of one volume (removed with it).
 
 Clones and snapshots are copies: instant and space-sharing (reflink) where the filesystem supports it
 (btrfs, XFS with reflink), sparse copies elsewhere. A snapshot of a volume that is being written to is
@@ -20,6 +19,12 @@ crash-consistent at best, like pulling the power cord.
 
 Connections are ``driver_volume_type: local``: the file is bound to a loop device (``/dev/loopN``) which
 os-brick's LOCAL connector hands over as is.
+
+The loop devices of one volume are changed under the volume's lock from ``cinder.coordination``, so that
+processes sharing ``loopback_dir`` (the controller's backend workers) never bind a volume twice or detach
+a device another is handing out. cinderlib starts that coordinator with tooz's file backend: its locks are
+files in cinder's lock directory and hold across every process using that directory, as the workers all
+do. A volume's lock file is removed once the volume's file is gone.
 
 **Single host by nature.** A loop device exists only on the host that made it, so the controller and the
 node using a volume must be the same machine. This backend is for development, the quick start and tests,
@@ -31,19 +36,17 @@ The driver runs as root and calls ``losetup`` and ``cp`` directly (no sudo, no r
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cinder import exception
+from cinder import coordination, exception
 from cinder.volume import configuration, driver
 from oslo_config import cfg
 
@@ -144,43 +147,6 @@ def refresh_loops(path: Path) -> None:
 # -- files -------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` (created if missing) across processes.
-
-    Polls with a non-blocking flock so an eventlet-patched process keeps running its other green threads.
-    The holder may unlink the lock file (``remove_lock_file``): a waiter that then gets the lock on the
-    unlinked inode notices and starts over on the current file.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise _fail(f"timed out after {timeout:.0f}s waiting for lock {path}") from None
-                    time.sleep(0.05)
-            try:
-                current = os.stat(path).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(fd).st_ino:
-                yield
-                return
-        finally:
-            os.close(fd)
-
-
-def remove_lock_file(path: Path) -> None:
-    """Unlink a lock file; call only while holding it."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -273,15 +239,26 @@ class LoopbackDriver(driver.VolumeDriver):
 
     @contextlib.contextmanager
     def _volume_lock(self, name: str) -> Iterator[Path]:
-        """Hold the inter-process lock of volume ``name``, yield its path; drop the lock file once it is gone."""
+        """Hold the inter-process lock of volume ``name``, yield its path; drop the lock file once it is gone.
+
+        Waiting polls (tooz's file lock tries a non-blocking lock, then sleeps), so an eventlet-patched
+        process keeps running its other green threads. A process still waiting on a removed lock file may
+        get it while a newcomer locks a new file of that name: both then find the volume's file gone, and
+        nothing is left for the lock to guard (volume names are never reused).
+        """
         path = self._path(name)
-        lock = self.loopback_dir / f".{name}.lock"
-        with file_lock(lock):
+        lock_name = f"loopback-{name}"
+        lock = coordination.COORDINATOR.get_lock(lock_name)
+        if not lock.acquire(blocking=LOCK_TIMEOUT_S):
+            raise _fail(f"timed out after {LOCK_TIMEOUT_S:.0f}s waiting for the lock of {name}")
+        try:
+            yield path
+        finally:
             try:
-                yield path
-            finally:
                 if not path.exists():
-                    remove_lock_file(lock)
+                    coordination.synchronized_remove(lock_name)
+            finally:
+                lock.release()
 
     def _tmp_path(self, name: str) -> Path:
         return self.loopback_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
