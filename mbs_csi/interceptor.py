@@ -67,9 +67,13 @@ def redacted(message: Message) -> Message:
     return copy
 
 
+# The field option ``csi_secret`` (csi.proto marks secrets with it); typed loosely by the generated stubs.
+_CSI_SECRET: Any = csi_pb2.csi_secret
+
+
 def _redact(message: Message) -> None:
     for fd, value in message.ListFields():
-        if fd.GetOptions().Extensions[csi_pb2.csi_secret]:
+        if fd.GetOptions().Extensions[_CSI_SECRET]:
             for key in list(value):
                 value[key] = secrets.MASK
         elif fd.message_type is None:
@@ -112,10 +116,18 @@ class RpcInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = _short(handler_call_details.method)
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary:
-            return handler._replace(unary_unary=self._wrap(method, handler.unary_unary, stream=False))
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, handler.unary_unary, stream=False), **serializers
+            )
         if handler.unary_stream:
-            return handler._replace(unary_stream=self._wrap(method, handler.unary_stream, stream=True))
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap(method, handler.unary_stream, stream=True), **serializers
+            )
         return handler
 
     def _wrap(self, method: str, behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
