@@ -145,3 +145,28 @@ def test_entry_points_load_only_what_they_need(code, absent):
     assert done.returncode == 0, done.stderr
     loaded = set(done.stdout.split())
     assert not [m for m in loaded for a in absent if _within(m, a)]
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's layout table names each module once it exists, and none that is gone."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    # A row names modules of one package after its first entry, as `controller/a.py`, `b.py`.
+    expected: set[str] = set()
+    for path in MODULES.values():
+        relative = path.relative_to(PACKAGE)
+        if relative.name != "__init__.py":
+            expected.add(relative.name if len(relative.parts) == 1 else str(relative))
+    shown: set[str] = set()
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        package = ""
+        for cell in row.split("|")[1].split(","):
+            name = cell.strip().strip("`")
+            if "/" in name:
+                package = name.rsplit("/", 1)[0] + "/"
+                shown.add(name)
+            else:
+                shown.add(package + name)
+    assert shown == expected, (sorted(expected - shown), sorted(shown - expected))
