@@ -16,6 +16,7 @@ the write-ahead log and pooled connections. The ratios include those differences
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -23,15 +24,17 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from csi import csi_pb2 as pb
 from mbs_csi import config
-from tests.controller_support import ControllerUnderTest
-from tests.csi_requests import create_request
-
-REPO = Path(__file__).resolve().parent.parent
+from testkit.controller import ControllerUnderTest
+from testkit.csi_requests import create_request
+from testkit.host import REPO
+from testkit.processes import ProcessTree
+from testkit.wait import wait_until
 
 
 def p90(values: list[float]) -> float:
@@ -105,20 +108,24 @@ class RawCinderlib:
             "concurrency": warmup_concurrency,
         }
         self.crashes = 0
-        self.process = self._start()
+        self.tree: ProcessTree | None = None
+        self._start()
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self) -> None:
         for _ in range(self.RESTARTS + 1):
-            self.process = subprocess.Popen(
+            if self.tree is not None:  # what a crashed run left
+                self.tree.kill()
+            self.tree = ProcessTree(
                 [sys.executable, "-m", "bench.raw_cinderlib"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
                 cwd=REPO,
             )
+            self.process = self.tree.proc
             try:
                 self._ask(self.setup)
-                return self.process
+                return
             except RawCinderlibCrashed:
                 self.crashes += 1
         raise RuntimeError(f"bench.raw_cinderlib crashed {self.crashes} times while starting")
@@ -145,9 +152,12 @@ class RawCinderlib:
         return self._ask({"kind": kind, "count": count, "concurrency": concurrency})
 
     def close(self) -> None:
-        assert self.process.stdin is not None
+        assert self.process.stdin is not None and self.tree is not None
         self.process.stdin.close()
-        self.process.wait(timeout=120)
+        try:
+            self.process.wait(timeout=120)
+        finally:
+            self.tree.kill()
 
 
 def merged(runs: list[dict]) -> dict:
@@ -171,9 +181,7 @@ def bench_backend(
     raw = None
     crashes = 0
     try:
-        deadline = time.monotonic() + 180
-        while len(ctl.ready_worker_pids()) < workers and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: len(ctl.ready_worker_pids()) >= workers, 180, f"{workers} ready backend workers", 0.5)
         for kind in ("volume", "snapshot"):  # warm-up: every worker serves a few calls first
             csi_cycles(ctl.stub, kind, 3 * max(concurrency), max(concurrency))
         raw = RawCinderlib(backend, ctl.workdir, max(concurrency), new_db())
@@ -266,25 +274,25 @@ def main() -> int:
         "rounds": rounds,
         "backends": {},
     }
-    cleanups = []
+    cleanups: list[Callable[[], object]] = []
     postgres = None
     try:
         if args.database == "postgresql":
-            from tests.postgres import PostgresCluster
+            from testkit.postgres import PostgresCluster
 
             postgres = PostgresCluster()
             cleanups.append(postgres.destroy)
         for name in args.backends.split(","):
             if name == "loopback":
                 directory = Path(f"/tmp/mbs-bench-{uuid.uuid4().hex[:8]}")
-                cleanups.append(lambda d=directory: shutil.rmtree(d, ignore_errors=True))
+                cleanups.append(functools.partial(shutil.rmtree, directory, ignore_errors=True))
                 backend = {
                     "name": "loop",
                     "volume_driver": config.LOOPBACK_DRIVER,
                     "driver_options": {"loopback_dir": str(directory)},
                 }
             elif name == "ceph":
-                from tests.ceph import CephCluster
+                from testkit.ceph import CephCluster
 
                 cluster = CephCluster()
                 cleanups.append(cluster.destroy)

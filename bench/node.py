@@ -39,9 +39,12 @@ import grpc
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
 from mbs_csi.filesystems import FILESYSTEMS
-from tests.controller_support import ControllerUnderTest
-from tests.csi_requests import create_request, mount_cap
-from tests.support import REPO, driver_env, short_tmpdir
+from testkit.controller import ControllerUnderTest
+from testkit.csi_requests import create_request, mount_cap
+from testkit.driver import driver_env
+from testkit.host import REPO, short_tmpdir
+from testkit.processes import ProcessTree
+from testkit.wait import wait_until
 
 NODE = "bench-node"
 MS_BIND = 4096
@@ -74,7 +77,7 @@ def start_once(role: str) -> dict:
     workdir = short_tmpdir("mbs-bench-")
     socket = workdir / "csi.sock"
     started = time.monotonic()
-    proc = subprocess.Popen(
+    tree = ProcessTree(
         [
             sys.executable,
             "-m",
@@ -89,7 +92,7 @@ def start_once(role: str) -> dict:
             "--backend-workers",
             "2",
         ],
-        env=driver_env(),
+        driver_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -97,18 +100,16 @@ def start_once(role: str) -> dict:
     try:
         # A fresh channel per attempt: a channel that failed once waits out gRPC's reconnect backoff,
         # which would be measured instead of the server.
-        while not probe_ready(socket):
-            time.sleep(0.01)
-            if time.monotonic() - started > 120:
-                raise RuntimeError(f"role {role} not ready after 120 s")
+        wait_until(lambda: probe_ready(socket), 120, f"role {role} to be ready", 0.01)
         ready = time.monotonic() - started
         time.sleep(0.2)
-        front = rss_kib(proc.pid)
-        workers = sum(rss_kib(p) for p in children(proc.pid))
+        front = rss_kib(tree.proc.pid)
+        workers = sum(rss_kib(p) for p in children(tree.proc.pid))
         return {"ready_s": ready, "rss_mib": front / 1024, "workers_rss_mib": workers / 1024}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        tree.proc.terminate()
+        tree.proc.wait(30)
+        tree.kill()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -173,11 +174,7 @@ def node_cycles(cycles: int) -> dict:
     ctl = ControllerUnderTest(None, extra={"role": "all", "node_id": NODE})
     node = csi_pb2_grpc.NodeStub(ctl.driver.channel)
     try:
-        deadline = time.monotonic() + 60
-        while f"published connector properties of node {NODE}" not in ctl.driver.log():
-            if time.monotonic() > deadline:
-                raise RuntimeError("node connector never published")
-            time.sleep(0.1)
+        ctl.driver.wait_logged(f"published connector properties of node {NODE}")
         cap = mount_cap("ext4")
         volume_id = ctl.stub.CreateVolume(create_request(f"bench-{uuid.uuid4().hex[:8]}", caps=[cap])).volume.volume_id
         context = dict(

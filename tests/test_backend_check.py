@@ -7,7 +7,8 @@ import json
 import yaml
 
 from mbs_csi import config
-from tests.support import free_port, run_cli
+from testkit.driver import run_cli
+from testkit.host import free_port
 
 SAN_PASSWORD = "check-Pa55word-value"
 

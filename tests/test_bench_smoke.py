@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
-from tests.support import REPO
+import pytest
+
+from testkit.host import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def test_controller_benchmark_runs_and_reports_ratios(tmp_path):
@@ -38,7 +42,7 @@ def test_controller_benchmark_runs_and_reports_ratios(tmp_path):
             assert row[impl]["cycles_per_s"] > 0 and row[impl]["create_median_ms"] > 0
     assert loopback["derived"]["volume/1"]["create_ratio"] > 0
     assert {"mbs_csi", "raw_cinderlib"} <= set(loopback["derived"]["snapshot/scaling"])
-    assert loopback["raw_cinderlib_crashes"] >= 0
+    assert loopback["raw_cinderlib_crashes"] == 0  # only librbd crashes it, and loopback has no librbd
 
 
 def test_node_benchmark_runs_and_reports_its_figures(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import pytest
 import rados
 import rbd
 
-from tests.ceph import CephCluster
-from tests.support import REPO, short_tmpdir
+from testkit.ceph import CephCluster
+from testkit.child import run_python_json
+from testkit.host import short_tmpdir
 
 GiB = 1 << 30
 
@@ -99,23 +99,14 @@ def test_cinder_user_is_confined_to_its_pool(ceph: CephCluster, cinder_client: r
 def test_cinder_rbd_driver_through_cinderlib(ceph: CephCluster) -> None:
     workdir = short_tmpdir("mbs-cinderlib-")
     try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("rbd_cinderlib_child.py")),
-                str(ceph.conf_path),
-                str(ceph.keyring_path),
-                str(workdir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
+        result = run_python_json(
+            str(Path(__file__).with_name("rbd_cinderlib_child.py")),
+            str(ceph.conf_path),
+            str(ceph.keyring_path),
+            str(workdir),
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    result = json.loads(proc.stdout.splitlines()[-1])
 
     stats = result["stats"]
     assert stats["volume_backend_name"] == "ceph"

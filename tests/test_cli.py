@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import mbs_csi
-from tests.support import run_cli
+from testkit.driver import run_cli
 
 
 def test_version():

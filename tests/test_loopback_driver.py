@@ -19,7 +19,11 @@ from typing import Any
 
 import pytest
 
-from tests.support import REPO, short_tmpdir
+from testkit.host import REPO, short_tmpdir
+from testkit.loop import detach
+from testkit.loop import devices_backed_by as bound_to
+from testkit.loop import devices_under as loop_devices_under
+from testkit.wait import wait_until
 
 GiB = 1024**3
 PATTERN = b"mbs-csi loopback " * 241  # 4097 bytes: not block aligned
@@ -81,29 +85,6 @@ class Child:
         self._log.close()
 
 
-def loop_devices_under(directory: Path) -> list[str]:
-    """Every loop device whose backing file is under ``directory`` (deleted backing files included)."""
-    out = subprocess.run(
-        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True, text=True, check=True
-    ).stdout
-    found = []
-    for line in out.splitlines():
-        name, _, back = line.strip().partition(" ")
-        if back.strip().startswith(f"{directory}/"):
-            found.append(name)
-    return found
-
-
-def bound_to(path: Path) -> list[str]:
-    out = subprocess.run(
-        ["losetup", "--list", "--noheadings", "--output", "NAME", "--associated", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return out.split()
-
-
 def lock_file(workdir: Path, volume_name: str) -> Path:
     """The volume's lock file: cinder.coordination's file lock, in the children's ``file_locks_path``."""
     return workdir / f"cinder-loopback-{volume_name}"
@@ -140,7 +121,7 @@ def workdir() -> Iterator[Path]:
     yield path
     leftover = loop_devices_under(path)
     for device in leftover:
-        subprocess.run(["losetup", "--detach", device], check=False)
+        detach(device)
     shutil.rmtree(path, ignore_errors=True)
     assert not leftover, f"loop devices left bound to test files: {leftover}"
 
@@ -292,9 +273,7 @@ def test_device_still_open_at_disconnect_is_not_reused(child: Child, vol: dict[s
         assert second != first
     finally:
         os.close(fd)
-    deadline = time.monotonic() + 5
-    while first in bound_to(vol["path"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: first not in bound_to(vol["path"]), 60, f"{first} to go away once closed")
     assert bound_to(vol["path"]) == [second]
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
-from tests.support import free_port, run_cli, running_driver, short_tmpdir
+from testkit.driver import run_cli, running_driver
+from testkit.host import free_port, short_tmpdir
 
 
 def scrape(port: int) -> dict[str, float]:

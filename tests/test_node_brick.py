@@ -26,8 +26,9 @@ import pytest
 
 from mbs_csi import errors, logs
 from mbs_csi.node import brick
+from testkit import loop
+from testkit.child import run_python_json
 
-REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 
 pytestmark = [
@@ -50,15 +51,8 @@ def privileges(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     backing = tmp_path / "volume.img"
-    with open(backing, "wb") as f:
-        f.truncate(64 * MIB)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.strip()
-    try:
+    with loop.loop_device(backing, 64 * MIB) as device:
         yield device, backing
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=False, timeout=60)
 
 
 def local(device: str, protocol: str = "local") -> dict:
@@ -97,7 +91,7 @@ def test_extend_local_reports_the_device_size_in_bytes(loop_device: tuple[str, P
     assert brick.extend(local(device)) == 64 * MIB
     with open(backing, "r+b") as f:
         f.truncate(96 * MIB)
-    subprocess.run(["losetup", "--set-capacity", device], check=True, timeout=60)
+    loop.reread_capacity(device)
     assert brick.extend(local(device)) == 96 * MIB
 
 
@@ -192,16 +186,8 @@ def test_a_failing_iscsi_attach_is_bounded_and_its_message_holds_no_secret(
     assert password not in text and discovery not in text
 
 
-def run_child(code: str, timeout: float = 120) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_child(code: str) -> dict:
+    return run_python_json("-c", textwrap.dedent(code), timeout=120)
 
 
 def test_privsep_through_the_venv_helper_daemon(loop_device: tuple[str, Path], tmp_path: Path):

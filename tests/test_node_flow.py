@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -20,18 +19,12 @@ from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
 from mbs_csi.node.devices import block_device_size
 from mbs_csi.node.mountinfo import mounted_device
-from tests.controller_support import ControllerUnderTest, rpc_error
-from tests.csi_requests import GIB, block_cap, create_request, mount_cap
-from tests.support import REPO
+from testkit.controller import ControllerUnderTest
+from testkit.csi_requests import GIB, block_cap, create_request, mount_cap
+from testkit.host import CAP_SYS_RESOURCE, REPO, has_capability
+from testkit.rpc import rpc_error
 
 NODE = "node-e2e"
-CAP_SYS_RESOURCE = 24
-
-
-def has_capability(bit: int) -> bool:
-    status = Path("/proc/self/status").read_text()
-    effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
-    return bool(effective & (1 << bit))
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +44,7 @@ def mounted(path: Path) -> bool:
 
 def wait_published_connector(cluster) -> None:
     """Role all publishes this node's connector properties once its backend workers are up."""
-    deadline = time.monotonic() + 60
-    while f"published connector properties of node {NODE}" not in cluster.driver.log():
-        assert time.monotonic() < deadline, "the node never published its connector properties"
-        time.sleep(0.1)
+    cluster.driver.wait_logged(f"published connector properties of node {NODE}")
 
 
 class Volume:

@@ -33,6 +33,8 @@ from mbs_csi.node.mounting import mount, unmount
 from mbs_csi.node.paths import apply_group, ensure_dir, ensure_file
 from mbs_csi.node.resizing import resize_filesystem
 from mbs_csi.node.usage import filesystem_stats
+from testkit.host import CAP_SYS_RESOURCE, has_capability
+from testkit.loop import attach, detach, devices_backed_by, reread_capacity, sparse_file
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
@@ -40,15 +42,6 @@ pytestmark = pytest.mark.skipif(
 
 GiB = 1024**3
 FILESYSTEMS = ["ext4", "xfs", "btrfs"]
-
-
-CAP_SYS_RESOURCE = 24
-
-
-def has_capability(cap: int) -> bool:
-    with open("/proc/self/status") as f:
-        effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
-    return bool(int(effective, 16) >> cap & 1)
 
 
 def run(*argv: str) -> str:
@@ -65,10 +58,6 @@ def readonly(entry: MountEntry) -> bool:
     return "ro" in entry.mount_options
 
 
-def attached(backing: Path) -> str:
-    return run("losetup", "-j", str(backing)).strip()
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A directory under /tmp; afterwards nothing under it is mounted and no loop device uses its files."""
@@ -77,10 +66,10 @@ def workdir() -> Iterator[Path]:
     for entry in reversed(mounts_under(root)):
         subprocess.run(["umount", entry.mount_point], check=False, timeout=60)
     for backing in root.glob("*.img"):
-        for line in attached(backing).splitlines():
-            subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False, timeout=60)
+        for device in devices_backed_by(backing):
+            detach(device)
     leftovers = [e.mount_point for e in mounts_under(root)]
-    loops = [attached(b) for b in root.glob("*.img") if attached(b)]
+    loops = [device for backing in root.glob("*.img") for device in devices_backed_by(backing)]
     shutil.rmtree(root, ignore_errors=True)
     assert not leftovers, f"left mounted: {leftovers}"
     assert not loops, f"left attached: {loops}"
@@ -94,10 +83,8 @@ def make_loop(workdir: Path) -> Callable[..., tuple[str, Path]]:
     def make(size: int = GiB) -> tuple[str, Path]:
         nonlocal count
         count += 1
-        backing = workdir / f"disk{count}.img"
-        with open(backing, "wb") as f:
-            f.truncate(size)
-        return run("losetup", "--find", "--show", str(backing)).strip(), backing
+        backing = sparse_file(workdir / f"disk{count}.img", size)
+        return attach(backing), backing
 
     return make
 
@@ -279,7 +266,7 @@ def test_write_protected_device_is_mounted_read_only(make_loop: Callable[..., tu
     """As mount(8) does: a device attached read-only (a read-only LUN, an RBD snapshot) mounts ro."""
     loop, backing = make_loop()
     format_device(loop, "ext4")
-    readonly_loop = run("losetup", "--read-only", "--find", "--show", str(backing)).strip()
+    readonly_loop = attach(backing, read_only=True)
     target = new_dir(workdir, "mnt")
     mount(readonly_loop, target, "ext4")
     entry = find_mount(target)
@@ -424,7 +411,7 @@ def test_online_resize_after_the_device_grew(
 
     with open(backing, "r+b") as f:
         f.truncate(2 * GiB)
-    run("losetup", "-c", device)
+    reread_capacity(device)
     assert block_device_size(device) == 2 * GiB
     if fs_type == "ext4" and not has_capability(CAP_SYS_RESOURCE):
         with pytest.raises(MountError, match=r"Permission denied .*needs the CAP_SYS_RESOURCE capability"):

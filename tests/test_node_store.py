@@ -13,8 +13,7 @@ import pytest
 
 from mbs_csi import secrets
 from mbs_csi.node.store import FILENAME, SCHEMA_VERSION, Attachment, AttachmentStore, StoreError
-
-REPO = Path(__file__).resolve().parent.parent
+from testkit.host import REPO
 
 CHAP_PASSWORD = "chap-node-store-0123456789"
 KEYRING = "[client.cinder]\n\tkey = AQBnodeStoreKeyringValue0123456789==\n"

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from csi import csi_pb2
-from tests.support import REPO
+from testkit.host import REPO
 
 GENERATED = ("csi_pb2.py", "csi_pb2_grpc.py", "csi_pb2.pyi")
 

@@ -13,9 +13,10 @@ import pytest
 
 from csi import csi_pb2 as pb
 from mbs_csi.inflight import lock_id
-from tests.controller_support import ControllerUnderTest, loopback_backend, rpc_error
-from tests.csi_requests import create_request
-from tests.support import short_tmpdir
+from testkit.controller import ControllerUnderTest, loopback_backend
+from testkit.csi_requests import create_request
+from testkit.host import short_tmpdir
+from testkit.rpc import rpc_error
 
 
 @pytest.fixture(scope="module")

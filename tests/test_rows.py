@@ -7,15 +7,13 @@ rather than as a volume another cinderlib user cannot read. The work runs in tes
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import uuid
 from typing import Any
 
 import pytest
 
-from tests.support import REPO, short_tmpdir
+from testkit.child import run_python_json
+from testkit.host import short_tmpdir
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -25,15 +23,7 @@ def found(request: pytest.FixtureRequest) -> dict[str, Any]:
         database = f"sqlite:///{workdir}/db.sqlite"
     else:
         database = request.getfixturevalue("postgres").new_database(f"rows_{uuid.uuid4().hex[:8]}")
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.rows_child", database, str(workdir)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return run_python_json("-m", "tests.rows_child", database, str(workdir))
 
 
 def test_a_new_volume_reads_back_as_cinderlib_would_have_written_it(found: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from mbs_csi import config, secrets
-from tests.support import free_port, running_driver, short_tmpdir
+from testkit.driver import running_driver
+from testkit.host import free_port, short_tmpdir
 
 SAN_PASSWORD = "xtremio-Pa55w0rd!"
 CHAP_SECRET = "chap-0123456789ab"

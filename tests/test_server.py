@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from csi import csi_pb2, csi_pb2_grpc
-from tests.support import Driver, free_port, run_cli, running_driver, short_tmpdir
+from testkit.driver import Driver, run_cli, running_driver
+from testkit.host import free_port, short_tmpdir
 
 
 @pytest.fixture
@@ -26,8 +27,9 @@ def workdir():
 
 
 def test_unix_socket_is_created_with_mode_0660_and_removed_on_exit(workdir):
-    driver = Driver(["--role", "node"], workdir).wait_serving()
+    driver = Driver(["--role", "node"], workdir)
     try:
+        driver.wait_serving()
         assert stat.S_IMODE(os.stat(driver.socket).st_mode) == 0o660
         assert driver.stop() == 0
     finally:
@@ -103,28 +105,22 @@ def stalling_db():
     server.close()
 
 
-def wait_in_log(driver: Driver, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in driver.log():
-        assert time.monotonic() < deadline, f"{text!r} never appeared in the driver log"
-        time.sleep(0.05)
-
-
 def slow_probe_driver(workdir, stalling_db, *extra: str) -> Driver:
     url = f"postgresql://mbs@127.0.0.1:{stalling_db.port}/mbs"
-    return Driver(["--role", "controller", "--database", url, *extra], workdir).wait_serving()
+    return Driver(["--role", "controller", "--database", url, *extra], workdir)
 
 
 @pytest.mark.slow
 def test_sigterm_drains_an_in_flight_call_then_exits_0(workdir, stalling_db):
     driver = slow_probe_driver(workdir, stalling_db)
     try:
+        driver.wait_serving()
         with ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
             in_flight = pool.submit(driver.probe)  # blocks ~5 s on the stalling database
-            wait_in_log(driver, "Probe called")  # the call is in the server, blocked on the database
+            driver.wait_logged("Probe called")  # the call is in the server, blocked on the database
             driver.proc.send_signal(signal.SIGTERM)
-            wait_in_log(driver, "received SIGTERM: draining")
+            driver.wait_logged("received SIGTERM: draining")
             assert driver.proc.poll() is None, "exited with a call still in flight"
             with pytest.raises(grpc.RpcError) as refused:  # new calls are turned away while draining
                 csi_pb2_grpc.IdentityStub(grpc.insecure_channel(f"unix://{driver.socket}")).GetPluginInfo(
@@ -143,15 +139,15 @@ def test_sigterm_drains_an_in_flight_call_then_exits_0(workdir, stalling_db):
 def test_grace_period_bounds_the_drain(workdir, stalling_db):
     driver = slow_probe_driver(workdir, stalling_db, "--grace-period", "1")
     try:
+        driver.wait_serving()
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(driver.probe)
-            wait_in_log(driver, "Probe called")
-            stopped_at = time.monotonic()
+            driver.wait_logged("Probe called")
             driver.proc.send_signal(signal.SIGINT)
             assert driver.proc.wait(30) == 0
-            assert time.monotonic() - stopped_at < 4  # did not wait for the 5 s call
+            # Cut, not answered: the drain did not wait for the 5 s call (a duration would flake under load).
             with pytest.raises(grpc.RpcError) as cut:
-                in_flight.result(timeout=10)
+                in_flight.result(timeout=30)
             assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     finally:
         driver.close()

@@ -9,10 +9,9 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from tests.support import free_port
+from testkit.host import free_port, short_tmpdir
 
 
 def _bin_dir() -> Path:
@@ -25,7 +24,7 @@ def _bin_dir() -> Path:
 class PostgresCluster:
     def __init__(self) -> None:
         self.bin = _bin_dir()
-        self.dir = Path(tempfile.mkdtemp(prefix="mbs-pg-", dir="/tmp"))
+        self.dir = short_tmpdir("mbs-pg-")
         self.data = self.dir / "data"
         self.port = free_port()
         user = pwd.getpwnam("postgres")

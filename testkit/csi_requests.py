@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from csi import csi_pb2 as pb
 
 GIB = 1024**3
 Mode = pb.VolumeCapability.AccessMode
 
 
-def mount_cap(fs_type: str = "ext4", mode: int = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+def mount_cap(fs_type: str = "ext4", mode: Mode.Mode = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
     return pb.VolumeCapability(
         mount=pb.VolumeCapability.MountVolume(fs_type=fs_type), access_mode=pb.VolumeCapability.AccessMode(mode=mode)
     )
 
 
-def block_cap(mode: int = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+def block_cap(mode: Mode.Mode = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
     return pb.VolumeCapability(
         block=pb.VolumeCapability.BlockVolume(), access_mode=pb.VolumeCapability.AccessMode(mode=mode)
     )
@@ -27,7 +29,7 @@ def create_request(
     caps: list[pb.VolumeCapability] | None = None,
     snapshot: str = "",
     volume: str = "",
-    **fields: object,
+    **fields: Any,
 ) -> pb.CreateVolumeRequest:
     request = pb.CreateVolumeRequest(name=name, volume_capabilities=caps or [mount_cap()], **fields)
     if required or limit:

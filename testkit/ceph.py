@@ -23,13 +23,13 @@ import shutil
 import signal
 import subprocess
 import textwrap
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support import free_port, short_tmpdir
+from testkit.host import free_port, short_tmpdir
+from testkit.wait import WaitTimeout, wait_until
 
 # The OSD keeps objects in memory; images are thin, so only written extents count against this.
 MEMSTORE_BYTES = 1 << 30
@@ -230,15 +230,16 @@ class CephCluster:
         return 0 < clean == summary["num_pgs"] and self.ceph_json("health")["status"] == "HEALTH_OK"
 
     def _wait(self, what: str, ready: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
+        def daemons_up_and_ready() -> bool:
             for name, proc in self._daemons.items():
                 if proc.poll() is not None:
                     raise CephError(f"{name} exited with {proc.returncode}")
-            if ready():
-                return
-            time.sleep(0.2)
-        raise CephError(f"timed out after {START_TIMEOUT}s waiting for {what}")
+            return ready()
+
+        try:
+            wait_until(daemons_up_and_ready, START_TIMEOUT, what, interval=0.2)
+        except WaitTimeout as timeout:
+            raise CephError(str(timeout)) from None
 
     # --- teardown ------------------------------------------------------------------------------------
 

@@ -8,14 +8,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import grpc
 import yaml
 
 from csi import csi_pb2_grpc
 from mbs_csi import config
 from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.worker_config import worker_config
-from tests.support import Driver, short_tmpdir
+from testkit import loop
+from testkit.driver import Driver
+from testkit.host import short_tmpdir
 
 ZONE_KEY = "topology.mbs.csi.io/zone"
 
@@ -61,15 +62,25 @@ class ControllerUnderTest:
             settings["database"] = database
         self.config_path.write_text(yaml.safe_dump(settings))
         self.settings = config.load_settings(str(self.config_path), env={})
-        self.driver: Driver | None = None
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
 
     def start(self) -> None:
-        self.driver = Driver(["--config", str(self.config_path)], self.workdir).wait_serving()
-        self.stub = csi_pb2_grpc.ControllerStub(self.driver.channel)
+        """Start the driver and wait until it is ready: a backend worker is up, so the database schema
+        exists (another process migrating it at the same time would find it locked)."""
+        driver = Driver(["--config", str(self.config_path)], self.workdir)
+        try:
+            driver.wait_serving().wait_ready()
+        except BaseException:
+            driver.close()
+            raise
+        self.driver = driver
+        self.stub = csi_pb2_grpc.ControllerStub(driver.channel)
 
     def restart(self) -> None:
-        assert self.driver is not None
         assert self.driver.stop() == 0
         self.driver.close()
         self.start()
@@ -92,12 +103,10 @@ class ControllerUnderTest:
 
     def loop_devices(self) -> list[str]:
         """Loop devices bound to any file of this backend."""
-        out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n", "-l"], capture_output=True, text=True)
-        return [line.split()[0] for line in out.stdout.splitlines() if str(self.loopback) in line]
+        return loop.devices_under(self.loopback)
 
     def ready_worker_pids(self) -> list[int]:
         """Workers that finished starting (the pool logs each one), still running."""
-        assert self.driver is not None
         logged = {
             int(line.rsplit("backend worker ", 1)[1].split()[0])
             for line in self.driver.log().splitlines()
@@ -106,24 +115,13 @@ class ControllerUnderTest:
         return sorted(logged & set(self.worker_pids()))
 
     def worker_pids(self) -> list[int]:
-        assert self.driver is not None
         out = subprocess.run(["pgrep", "-P", str(self.driver.proc.pid)], capture_output=True, text=True)
         return [int(pid) for pid in out.stdout.split()]
 
     def close(self) -> None:
-        if self.driver is not None:
-            with contextlib.suppress(Exception):
-                self.driver.stop()
-            self.driver.close()
+        with contextlib.suppress(Exception):
+            self.driver.stop()
+        self.driver.close()
         for device in self.loop_devices():
-            subprocess.run(["losetup", "-d", device], check=False)
+            loop.detach(device)
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    """The RpcError ``call`` raises (fails the test when it succeeds)."""
-    try:
-        call(*args, **kwargs)
-    except grpc.RpcError as exc:
-        return exc
-    raise AssertionError(f"{call} succeeded")
