@@ -7,7 +7,9 @@ rather than as a volume another cinderlib user cannot read. The work runs in tes
 
 from __future__ import annotations
 
+import shutil
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,14 +18,18 @@ from testkit.child import run_python_json
 from testkit.host import short_tmpdir
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def found(request: pytest.FixtureRequest) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def found(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """What the child found, once per database for the whole module (it writes and reads everything)."""
     workdir = short_tmpdir("mbs-rows-")
     if request.param == "sqlite":
         database = f"sqlite:///{workdir}/db.sqlite"
     else:
         database = request.getfixturevalue("postgres").new_database(f"rows_{uuid.uuid4().hex[:8]}")
-    return run_python_json("-m", "tests.rows_child", database, str(workdir))
+    try:
+        yield run_python_json("-m", "tests.rows_child", database, str(workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_new_volume_reads_back_as_cinderlib_would_have_written_it(found: dict[str, Any]) -> None:
