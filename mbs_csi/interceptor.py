@@ -104,8 +104,13 @@ def _short(method: str) -> str:
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        observe: Callable[[str, str, float], None] | None = None,
+        admit: Callable[[str], None] | None = None,
+    ) -> None:
         self.observe = observe  # metrics: (method, status code name, seconds) after every call
+        self.admit = admit  # raises (e.g. Unavailable while starting) to refuse a call, given its full name
 
     def intercept_service(
         self,
@@ -115,22 +120,24 @@ class RpcInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = _short(handler_call_details.method)
+        full_method = handler_call_details.method
         serializers = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, handler.unary_unary, stream=False), **serializers
+                self._wrap(full_method, handler.unary_unary, stream=False), **serializers
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap(method, handler.unary_stream, stream=True), **serializers
+                self._wrap(full_method, handler.unary_stream, stream=True), **serializers
             )
         return handler
 
-    def _wrap(self, method: str, behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
+    def _wrap(self, full_method: str, behavior: Callable[..., Any], stream: bool) -> Callable[..., Any]:
+        method = _short(full_method)
+
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             rid = uuid.uuid4().hex[:16]
             token = logs.request_id.set(rid)
@@ -143,6 +150,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 log.debug("%s request: %s", method, text_format.MessageToString(redacted(request), as_one_line=True))
             try:
                 try:
+                    if self.admit is not None:
+                        self.admit(full_method)
                     result = behavior(request, context)
                     return list(result) if stream else result
                 except Exception as exc:

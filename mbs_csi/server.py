@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import grpc
 
 from csi import csi_pb2_grpc
-from mbs_csi import __version__
+from mbs_csi import __version__, errors
 from mbs_csi.config import Endpoint, Settings
 from mbs_csi.errors import EndpointError
-from mbs_csi.health import DatabaseReachable, Readiness, StateDirWritable
+from mbs_csi.health import Check, DatabaseReachable, Readiness, StateDirWritable
 from mbs_csi.identity import IdentityService
 from mbs_csi.interceptor import RpcInterceptor
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
+IDENTITY_PREFIX = "/csi.v1.Identity/"  # answered while the driver starts
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes, NUL included
 
 
@@ -61,13 +62,14 @@ def prepare_unix_socket(path: str) -> None:
     raise EndpointError(f"another process is already serving on {path}; stop it or choose another endpoint")
 
 
-def readiness_for(settings: Settings) -> Readiness:
-    readiness = Readiness()
+def role_checks(settings: Settings) -> list[Check]:
+    """What Probe checks for the roles ``settings`` runs."""
+    checks: list[Check] = []
     if settings.runs_controller:
-        readiness.add(DatabaseReachable(settings.database))
+        checks.append(DatabaseReachable(settings.database))
     if settings.runs_node:
-        readiness.add(StateDirWritable(settings.state_dir))
-    return readiness
+        checks.append(StateDirWritable(settings.state_dir))
+    return checks
 
 
 class Server:
@@ -75,8 +77,11 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.readiness = readiness_for(settings)
-        self.interceptor = RpcInterceptor()
+        self._started = threading.Event()  # set once the role's set-up is done
+        self.readiness = Readiness([self._starting])
+        for check in role_checks(settings):
+            self.readiness.add(check)
+        self.interceptor = RpcInterceptor(admit=self._admit)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
             interceptors=[self.interceptor],
@@ -115,6 +120,12 @@ class Server:
         csi_pb2_grpc.add_NodeServicer_to_server(NodeService(self.settings, store), self._grpc)
 
     def start(self) -> None:
+        """Listen and answer at once, then set the role up.
+
+        The kubernetes-csi sidecars give a new connection 1 s and exit when it does not answer: Identity
+        (GetPluginInfo, and Probe saying not ready) answers from the moment the socket exists, while the
+        backend workers start and the node sets os-brick up; other calls answer UNAVAILABLE until then.
+        """
         endpoint = self.settings.endpoint
         if endpoint.scheme == "unix":
             prepare_unix_socket(endpoint.address)
@@ -130,12 +141,24 @@ class Server:
             from mbs_csi.metrics import serve_metrics
 
             self.interceptor.observe = serve_metrics(self.settings.metrics_endpoint, self._ready)
-        if self.pool is not None:
-            self.pool.start()
-        if self.settings.runs_node:
-            self._start_node()
         self._grpc.start()
         log.info("mbs-csi %s serving role=%s on %s", __version__, self.settings.role, endpoint)
+        try:
+            if self.pool is not None:
+                self.pool.start()
+            if self.settings.runs_node:
+                self._start_node()
+        except BaseException:
+            self._grpc.stop(0)
+            raise
+        self._started.set()
+
+    def _starting(self) -> str | None:
+        return None if self._started.is_set() else "the driver is starting"
+
+    def _admit(self, method: str) -> None:
+        if not self._started.is_set() and not method.startswith(IDENTITY_PREFIX):
+            raise errors.Unavailable(f"mbs-csi is starting (role {self.settings.role}); retry in a moment")
 
     def _ready(self) -> bool:
         return not self.readiness.problems()

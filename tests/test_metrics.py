@@ -35,7 +35,7 @@ def test_calls_are_counted_by_method_and_status_and_readiness_is_exposed():
     args = ["--role", "node", "--state-dir", str(state), "--metrics-endpoint", f"127.0.0.1:{port}"]
     try:
         with running_driver(*args, workdir=workdir) as driver:
-            assert driver.probe() is True
+            driver.wait_ready()
             node = csi_pb2_grpc.NodeStub(driver.channel)
             with pytest.raises(grpc.RpcError):
                 node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="v"))  # no target_path
@@ -58,7 +58,7 @@ def test_no_metrics_unless_asked_and_a_taken_port_is_an_error():
     port = free_port()
     try:
         with running_driver("--role", "node", "--state-dir", str(workdir / "state"), workdir=workdir) as driver:
-            assert driver.probe() is True
+            driver.wait_ready()
             assert "metrics" not in driver.log()
             with pytest.raises(urllib.error.URLError):
                 scrape(port)

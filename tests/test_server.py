@@ -42,7 +42,7 @@ def test_stale_socket_is_replaced(workdir):
     stale.bind(str(workdir / "csi.sock"))
     stale.close()  # the file stays, nobody listens: what a killed driver leaves behind
     with running_driver("--role", "node", workdir=workdir) as driver:
-        assert driver.probe()
+        driver.wait_ready()
         assert "removing stale socket" in driver.log()
 
 
@@ -53,7 +53,7 @@ def test_live_socket_is_a_clear_error_and_the_first_instance_keeps_serving(workd
         )
         assert result.returncode == 1
         assert f"another process is already serving on {first.socket}" in result.stderr
-        assert first.probe()
+        first.wait_ready()
 
 
 def test_a_file_in_the_way_is_not_replaced(workdir):
@@ -67,7 +67,7 @@ def test_a_file_in_the_way_is_not_replaced(workdir):
 def test_tcp_endpoint(workdir):
     driver = Driver(["--role", "node"], workdir, target=f"tcp://127.0.0.1:{free_port()}")
     try:
-        assert driver.wait_serving().probe()
+        driver.wait_serving().wait_ready()
         assert not driver.socket.exists()
     finally:
         driver.close()
