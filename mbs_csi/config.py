@@ -376,6 +376,14 @@ class Settings:
         _host_port,
         default_text="none (off)",
     )
+    health_endpoint: str | None = setting(
+        None,
+        "`host:port` serving `/livez` (the driver answers its own socket: for liveness) and `/readyz` (Probe: "
+        "for readiness) over HTTP",
+        "host:port, e.g. 127.0.0.1:9808 (any address: :9808)",
+        _host_port,
+        default_text="none (off)",
+    )
     backends: tuple[Backend, ...] = ()
 
     @property

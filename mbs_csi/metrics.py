@@ -6,12 +6,15 @@ is tight) does not pay unless asked to.
 - ``mbs_csi_rpc_duration_seconds{method,code}``: a histogram of every CSI call, by method and status;
   its ``_count`` is the number of calls.
 - ``mbs_csi_ready``: 1 while Probe answers ready, 0 while a dependency is unhealthy.
+- ``mbs_csi_backend_up{backend}`` (controller): 1 for each backend that initialised, 0 for one that did not
+  (its error is in the log). Probe needs only the default backend; the others serve or fail on their own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from mbs_csi.errors import EndpointError
 
@@ -23,10 +26,14 @@ _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 Observer = Callable[[str, str, float], None]
 
 
-def serve_metrics(endpoint: str, ready: Callable[[], bool]) -> Observer:
+BackendErrors = Callable[[], dict[str, str | None]]
+
+
+def serve_metrics(endpoint: str, ready: Callable[[], bool], backend_errors: BackendErrors | None = None) -> Observer:
     """Start the HTTP server on ``host:port`` (an empty host: every address) and return the function the
     interceptor calls after each RPC with (method, status code name, seconds)."""
     import prometheus_client
+    from prometheus_client.core import GaugeMetricFamily
 
     registry = prometheus_client.CollectorRegistry()
     durations = prometheus_client.Histogram(
@@ -39,6 +46,19 @@ def serve_metrics(endpoint: str, ready: Callable[[], bool]) -> Observer:
     prometheus_client.Gauge(
         "mbs_csi_ready", "1 while Probe answers ready, 0 while a dependency is unhealthy", registry=registry
     ).set_function(lambda: 1.0 if ready() else 0.0)
+    if backend_errors is not None:
+        errors_now = backend_errors
+
+        class BackendUp:
+            def collect(self) -> Iterator[Any]:
+                family = GaugeMetricFamily(
+                    "mbs_csi_backend_up", "1 when the backend initialised, 0 when it failed to", labels=["backend"]
+                )
+                for name, error in sorted(errors_now().items()):
+                    family.add_metric([name], 0.0 if error else 1.0)
+                yield family
+
+        registry.register(BackendUp())
     host, _, port = endpoint.rpartition(":")
     try:
         prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)

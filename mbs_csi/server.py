@@ -26,6 +26,7 @@ from mbs_csi.interceptor import RpcInterceptor
 
 if TYPE_CHECKING:
     from mbs_csi.controller.pool import WorkerPool
+    from mbs_csi.health_http import HealthServer
     from mbs_csi.node.connector_publisher import ConnectorPublisher, Publish
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Server:
         self.pool: WorkerPool | None = None
         self._publish_connector: Publish | None = None
         self._publisher: ConnectorPublisher | None = None
+        self._health: HealthServer | None = None
         if settings.runs_controller:
             self._add_controller()
         if settings.runs_node:
@@ -106,7 +108,7 @@ class Server:
         settings = self.settings
         pool = WorkerPool(worker_config(settings), settings.backend_workers, settings.backend_timeout)
         self.pool = pool
-        self.readiness.add(lambda: "; ".join(pool.problems()))
+        self.readiness.add(lambda: "; ".join(pool.problems(settings.default_backend)))
         store = connector_store(settings, pool)
         if isinstance(store, DatabaseConnectorStore):
             self._publish_connector = store.publish  # role all: this process's node side publishes here
@@ -140,9 +142,16 @@ class Server:
         if self.settings.metrics_endpoint:
             from mbs_csi.metrics import serve_metrics
 
-            self.interceptor.observe = serve_metrics(self.settings.metrics_endpoint, self._ready)
+            backend_errors = self.pool.backend_errors if self.pool is not None else None
+            self.interceptor.observe = serve_metrics(self.settings.metrics_endpoint, self._ready, backend_errors)
+        if self.settings.health_endpoint:
+            from mbs_csi.health_http import HealthServer
+
+            self._health = HealthServer(self.settings.health_endpoint, endpoint.grpc_target, self.readiness.problems)
         self._grpc.start()
         log.info("mbs-csi %s serving role=%s on %s", __version__, self.settings.role, endpoint)
+        if self._health is not None:
+            self._health.start()
         try:
             if self.pool is not None:
                 self.pool.start()
@@ -201,6 +210,8 @@ class Server:
         if self._publisher is not None:
             self._publisher.stop()
         self._grpc.stop(grace).wait()
+        if self._health is not None:
+            self._health.stop()
         if self.pool is not None:
             self.pool.close()
         endpoint = self.settings.endpoint

@@ -36,7 +36,6 @@ SIDECAR_IMAGES = {
     "csi-attacher": "registry.k8s.io/sig-storage/csi-attacher:v4.12.0",
     "csi-snapshotter": "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0",
     "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1",
-    "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe:v2.19.0",
     "node-driver-registrar": "registry.k8s.io/sig-storage/node-driver-registrar:v2.17.0",
 }
 LEADER_ELECTED = ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer")
@@ -247,9 +246,9 @@ def test_pod_specs_hold_together(rendered: Rendered):
             assert len(mount_paths) == len(set(mount_paths)), mount_paths
             env = [e["name"] for e in c.get("env", [])]
             assert len(env) == len(set(env)), env
-            probe = c.get("livenessProbe")
-            if probe:
-                assert probe["httpGet"]["port"] in {p["name"] for p in c["ports"]}
+            for probe in (c.get("livenessProbe"), c.get("readinessProbe")):
+                if probe:
+                    assert probe["httpGet"]["port"] in {p["name"] for p in c["ports"]}
             security = c.get("securityContext", {})
             if security.get("privileged"):
                 assert security.get("allowPrivilegeEscalation") is not False, c["name"]
@@ -314,9 +313,9 @@ def test_each_controller_container_gets_the_rbac_it_needs(rendered: Rendered):
     spec = pod_spec(rendered.controller)
     granted = effective_rules(rendered, spec["serviceAccountName"])
     containers = {c["name"] for c in spec["containers"]}
-    assert containers == {*NEEDS, "liveness-probe"}
+    assert containers == set(NEEDS)
     wanted: dict[tuple[str, str], set[str]] = {}
-    for name in containers - {"liveness-probe"}:
+    for name in containers:
         for key, verbs in NEEDS[name].items():
             missing = verbs - granted.get(key, set())
             assert not missing, f"{name} needs {sorted(missing)} on {key}"
@@ -620,11 +619,17 @@ def test_metrics_service_and_health_probes(render):
     }
     for name, port in [("csi-provisioner", 9811), ("csi-attacher", 9812), ("csi-resizer", 9814)]:
         assert f"--http-endpoint=:{port}" in container(rendered.controller, name)["args"]
-    for obj, port in [(rendered.controller, 9808), (rendered.node, 9858)]:
-        assert f"--health-port={port}" in container(obj, "liveness-probe")["args"]
+    # The driver serves its own /livez and /readyz: liveness is "it answers", readiness is Probe.
+    for obj, address, host in [(rendered.controller, "0.0.0.0:9808", {}), (rendered.node, "127.0.0.1:9858", None)]:
         driver = container(obj, "mbs-csi")
-        assert driver["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+        assert {"name": "MBS_CSI_HEALTH_ENDPOINT", "value": address} in driver["env"]
+        port = int(address.rpartition(":")[2])
         assert {"name": "healthz", "containerPort": port} in driver["ports"]
+        expected = {"path": "/livez", "port": "healthz"} | ({"host": "127.0.0.1"} if host is None else {})
+        assert driver["livenessProbe"]["httpGet"] == expected
+        assert load_settings(env={"MBS_CSI_HEALTH_ENDPOINT": address}).health_endpoint == address  # a valid value
+    controller = container(rendered.controller, "mbs-csi")
+    assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "healthz"}
 
 
 def test_snapshots_can_be_turned_off(render):

@@ -15,17 +15,7 @@ from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
 from testkit.driver import run_cli, running_driver
 from testkit.host import free_port, short_tmpdir
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The samples of /metrics, keyed by name and labels as exposed."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+from testkit.http import scrape
 
 
 def test_calls_are_counted_by_method_and_status_and_readiness_is_exposed():

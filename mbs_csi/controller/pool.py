@@ -163,14 +163,21 @@ class WorkerPool:
 
     # --- health -------------------------------------------------------------------------------------
 
-    def problems(self) -> list[str]:
-        """Why the controller cannot serve now: no worker up, or a backend that failed to initialise."""
+    def problems(self, required_backend: str | None = None) -> list[str]:
+        """Why the controller cannot serve now: no worker up, or ``required_backend`` (the default one)
+        failed to initialise. Other backends that failed are in :meth:`backend_errors`: they do not stop
+        the healthy ones from serving."""
         with self._lock:
             found = [] if self._ready else [self._start_error or "backend workers are starting"]
-            found += [
-                f"backend {name} failed to initialise: {err}" for name, err in self._backend_errors.items() if err
-            ]
+            error = self._backend_errors.get(required_backend) if required_backend else None
+        if error:
+            found.append(f"backend {required_backend} failed to initialise: {error}")
         return found
+
+    def backend_errors(self) -> dict[str, str | None]:
+        """Each backend's initialisation error (None when it serves), as the newest worker found it."""
+        with self._lock:
+            return dict(self._backend_errors)
 
     # --- calls --------------------------------------------------------------------------------------
 
