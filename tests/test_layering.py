@@ -128,8 +128,9 @@ def test_only_the_cli_starts_the_server():
     [
         # The node role's server: no controller front, no cinder.
         (
-            "from mbs_csi import config, server; "
-            "server.Server(config.load_settings(flags={'role': 'node', 'state_dir': '/tmp/mbs-layering'}))",
+            "import tempfile; from mbs_csi import config, server\n"
+            "with tempfile.TemporaryDirectory() as state:\n"
+            "    server.Server(config.load_settings(flags={'role': 'node', 'state_dir': state}))",
             ("mbs_csi.controller", "cinder", "cinderlib", "kubernetes"),
         ),
         # `backend check` and `node attachments` load no gRPC server.
