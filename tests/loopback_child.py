@@ -8,6 +8,9 @@ run it here. Usage::
 It answers one JSON request per stdin line (``{"op": "create", "size": 1}``) with one JSON line on its
 protocol stream: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "Class: message"}``. Logs
 (oslo.log writes to stdout by default) go to stderr, so the protocol stream carries nothing else.
+
+``{"op": "hang_after_copies", "marker": PATH}`` makes every later copy stop once ``cp`` is done, before
+the copy gets its real name: the child creates PATH and waits there, for the test to kill it mid-copy.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ eventlet.monkey_patch()
 import json  # noqa: E402 - after monkey-patching, as in the real worker
 import os  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 
 DRIVER = "mbs_csi.drivers.loopback.LoopbackDriver"
@@ -76,6 +82,21 @@ def main() -> None:
         # oslo.versionedobjects >= 3.10, whose FieldType.to_primitive is no longer a staticmethod.)
         return {**volume_info(volume(id)), "connections": len(volume(id).connections)}
 
+    def hang_after_copies(marker: str) -> None:
+        from mbs_csi.drivers import loopback
+
+        run = loopback._run
+
+        def run_then_hang(cmd: list[str], timeout: float | None = None) -> str:
+            out = run(cmd, timeout)
+            if cmd[0] == "cp":
+                Path(marker).touch()
+                while True:
+                    time.sleep(3600)
+            return out
+
+        loopback._run = run_then_hang
+
     ops: dict[str, Callable[..., Any]] = {
         "create": lambda size: volume_info(backend.create_volume(size=size)),
         "clone": lambda id, size=None: volume_info(volume(id).clone(**sized(size))),
@@ -89,6 +110,9 @@ def main() -> None:
         "stats": lambda refresh=True: backend.stats(refresh=refresh),
         "new_backend": new_backend,
         "stored": stored,
+        "hang_after_copies": hang_after_copies,
+        # What the controller asks of the driver for a volume or snapshot with no usable record.
+        "driver_delete": lambda kind, name: getattr(backend.driver, f"delete_{kind}")(SimpleNamespace(name=name)),
     }
 
     for line in sys.stdin:

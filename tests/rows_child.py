@@ -52,7 +52,14 @@ def main() -> None:
     os.makedirs(loopback_dir, exist_ok=True)
     spec = BackendSpec(name="loop", volume_driver=config.LOOPBACK_DRIVER, options={"loopback_dir": loopback_dir})
     adapter = Adapter(
-        WorkerConfig(database=database, state_dir=workdir, log_level="WARNING", backends=(spec,), secrets=())
+        WorkerConfig(
+            database=database,
+            state_dir=workdir,
+            log_level="WARNING",
+            backends=(spec,),
+            secrets=(),
+            backend_timeout=60.0,
+        )
     )
     backend, rows, persistence = adapter.backends.get("loop"), adapter.rows, adapter.persistence
     engine = sqlalchemy.create_engine(database)

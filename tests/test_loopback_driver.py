@@ -6,6 +6,7 @@ process-global state. This process checks the results itself: files, allocated b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -23,6 +24,7 @@ from testkit.host import REPO, short_tmpdir
 from testkit.loop import detach
 from testkit.loop import devices_backed_by as bound_to
 from testkit.loop import devices_under as loop_devices_under
+from testkit.processes import ProcessTree
 from testkit.wait import wait_until
 
 GiB = 1024**3
@@ -40,7 +42,7 @@ class Child:
         self.workdir = workdir
         self.log_path = workdir / f"child-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
+        self.tree = ProcessTree(
             [sys.executable, "-m", "tests.loopback_child", str(workdir), str(loopback_dir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -48,6 +50,7 @@ class Child:
             text=True,
             cwd=REPO,
         )
+        self.proc = self.tree.proc
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -73,13 +76,12 @@ class Child:
         return reply["result"]
 
     def close(self) -> None:
+        """Let the child exit on the end of its input (SIGKILL after a while); stop whatever it left."""
         if self.proc.stdin:
             self.proc.stdin.close()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.tree.kill()
         if self.proc.stdout:
             self.proc.stdout.close()
         self._log.close()
@@ -368,3 +370,66 @@ def test_concurrent_connects_from_several_processes_share_one_device(
     finally:
         for other in others:
             other.close()
+
+
+# --- crashes ------------------------------------------------------------------------------------------
+
+
+def tmp_files(loopback_dir: Path) -> list[Path]:
+    return sorted(loopback_dir.glob(".tmp-*"))
+
+
+def made_name(tmp: Path) -> str:
+    """The volume or snapshot whose making left the temp file ``tmp``."""
+    return tmp.name.removeprefix(".tmp-")
+
+
+@contextlib.contextmanager
+def hung_mid_copy(workdir: Path, loopback_dir: Path, op: str, **args: Any) -> Iterator[Path]:
+    """A child of its own running ``op`` (a copy), stopped once ``cp`` is done and before the copy got
+    its name: yield the temp file it wrote; the child is killed (-9) at the end."""
+    before = set(tmp_files(loopback_dir))
+    marker = workdir / f"copied-{time.monotonic_ns()}"
+    copying = Child(workdir, loopback_dir)
+    try:
+        copying.call("hang_after_copies", marker=str(marker))
+        copying.send(op, **args)
+        wait_until(marker.exists, 120, lambda: f"the copy; the child's log ends with:\n{copying.log_tail()}")
+        [tmp] = set(tmp_files(loopback_dir)) - before
+        yield tmp
+    finally:
+        copying.tree.kill()
+        copying.close()
+
+
+def test_a_crash_mid_copy_leaves_a_temp_file_that_the_retry_removes(
+    child: Child, vol: dict[str, Any], workdir: Path, loopback_dir: Path
+) -> None:
+    """A clone killed mid-copy leaves its temp file, holding the data copied so far; deleting the clone,
+    as the controller does before it tries a failed create again, removes it."""
+    write_at(vol["path"], 0, PATTERN)
+    with hung_mid_copy(workdir, loopback_dir, "clone", id=vol["id"]) as left:
+        pass
+    assert read_at(left, 0, len(PATTERN)) == PATTERN
+    child.call("driver_delete", kind="volume", name=made_name(left))
+    assert tmp_files(loopback_dir) == []
+    assert not lock_file(workdir, made_name(left)).exists()
+
+
+def test_start_up_removes_what_a_crash_left_and_spares_a_copy_in_progress(
+    child: Child, vol: dict[str, Any], workdir: Path, loopback_dir: Path
+) -> None:
+    """Processes sharing one loopback dir: one that starts removes the temp files of copies whose process
+    died, never that of a copy another process is making right now."""
+    with hung_mid_copy(workdir, loopback_dir, "snapshot", id=vol["id"]) as crashed:
+        pass
+    with hung_mid_copy(workdir, loopback_dir, "clone", id=vol["id"]) as in_progress:
+        starting = Child(workdir, loopback_dir)
+        try:
+            starting.call("stats", refresh=False)  # it answers: its driver has set itself up
+        finally:
+            starting.close()
+        assert tmp_files(loopback_dir) == [in_progress]
+    assert not lock_file(workdir, made_name(crashed)).exists()
+    child.call("driver_delete", kind="volume", name=made_name(in_progress))  # as the controller's retry
+    assert tmp_files(loopback_dir) == []

@@ -43,7 +43,7 @@ class Adapter:
     def __init__(self, config: WorkerConfig) -> None:
         setup_cinderlib(config)
         self.persistence = cinderlib.Backend.persistence
-        self.rows = Rows(database.engine(), self.persistence)
+        self.rows = Rows(database.engine(config.backend_timeout), self.persistence)
         self.backends = Backends(config.backends)
 
     @property
@@ -156,7 +156,7 @@ class Adapter:
         try:
             self.rows.mark_available(volume, make())
             if volume.size < size_gib:  # a copy is as big as its source: grow it to what was asked
-                volume.extend(size_gib)
+                self._extend(volume, size_gib)
         except Exception:
             self._destroy_volume(volume)
             raise
@@ -205,8 +205,20 @@ class Adapter:
     def op_extend_volume(self, volume_id: str, size_gib: int) -> VolumeRecord:
         volume = self._require_volume(volume_id)
         if volume.size < size_gib:
-            volume.extend(size_gib)
-        return volume_record(self._require_volume(volume_id))
+            self._extend(volume, size_gib)
+        return volume_record(volume)
+
+    def _extend(self, volume: objects.Volume, size_gib: int) -> None:
+        """Grow ``volume`` on the storage, then record its new size.
+
+        Not cinderlib's ``Volume.extend``: that records the volume as ``extending`` while the storage
+        works (a volume the front does not serve) and as ``error`` when the storage refuses. Here the
+        record keeps its status, and its size until the storage has grown the volume: a refused or
+        interrupted expand leaves the volume's record as it was, and the CO's retry asks the storage
+        again (as Cinder's volume manager does, the driver gets the volume at its recorded size).
+        """
+        volume.backend.driver.extend_volume(volume._ovo, size_gib)
+        self.rows.resize(volume, size_gib)
 
     # --- snapshots ----------------------------------------------------------------------------------
 

@@ -58,3 +58,4 @@ class WorkerConfig:
     log_level: str
     backends: tuple[BackendSpec, ...]
     secrets: tuple[str, ...]  # values to scrub from the worker's logs
+    backend_timeout: float  # seconds a backend call may run (the worker bounds its database waits by it)

@@ -11,7 +11,7 @@ than the database work it does, and more than a loopback volume takes to make. H
   under cinderlib: untyped volumes get cinderlib's default type, as cinderlib gives them);
 - a new volume or snapshot is inserted as cinder inserts it, without the read-back;
 - the status written once the storage made it is one UPDATE, when the driver's model update touches
-  only plain columns;
+  only plain columns, and so is a new size;
 - its rows go in one transaction of DELETEs;
 - "which ids have this name" and "what still depends on this volume" are plain SELECTs.
 
@@ -143,7 +143,14 @@ class Rows:
 
     def mark_available(self, resource: Resource, model_update: dict[str, Any] | None) -> None:
         """Record that the storage made ``resource``: status ``available`` and the driver's model update."""
-        values = {"status": "available", **(model_update or {})}
+        self._update(resource, {"status": "available", **(model_update or {})})
+
+    def resize(self, volume: objects.Volume, size_gib: int) -> None:
+        """Record that the storage grew ``volume`` to ``size_gib``."""
+        self._update(volume, {"size": size_gib})
+
+    def _update(self, resource: Resource, values: dict[str, Any]) -> None:
+        """Set ``values`` on ``resource`` and its row: one UPDATE when they are all plain columns."""
         resource._ovo.update(values)
         table = _KINDS[type(resource)].model.__table__
         if not values.keys() <= set(table.columns.keys()):  # metadata or the like: rows of other tables

@@ -126,6 +126,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
+        validate.identifiers(request)
         require(request.name, "name")
         backend = validate.backend_for(self.settings, request.parameters)
         caps = list(request.volume_capabilities)
@@ -206,6 +207,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
+        validate.identifiers(request)
         require(request.volume_id, "volume_id")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             self._call("delete_volume", volume_id=request.volume_id)
@@ -214,6 +216,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerPublishVolume(
         self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerPublishVolumeResponse:
+        validate.identifiers(request)
         require(request.volume_id, "volume_id")
         require(request.node_id, "node_id")
         require(request.HasField("volume_capability"), "volume_capability")
@@ -255,6 +258,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerUnpublishVolume(
         self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        validate.identifiers(request)
         require(request.volume_id, "volume_id")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             self._call("disconnect", volume_id=request.volume_id, node_id=request.node_id or None)
@@ -263,6 +267,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        validate.identifiers(request)
         require(request.volume_id, "volume_id")
         require(list(request.volume_capabilities), "volume_capabilities")
         record = self._volume(request.volume_id)
@@ -349,6 +354,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
+        validate.identifiers(request)
         require(request.volume_id, "volume_id")
         require(request.HasField("capacity_range"), "capacity_range")
         with self.inflight.hold(f"volume:{request.volume_id}"):
@@ -367,6 +373,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerGetVolume(
         self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetVolumeResponse:
+        validate.identifiers(request)
         require(request.volume_id, "volume_id")
         record = self._volume(request.volume_id)
         present, why = self._call("volume_present", volume_id=record.id)
@@ -383,6 +390,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
+        validate.identifiers(request)
         require(request.name, "name")
         require(request.source_volume_id, "source_volume_id")
         with self.inflight.hold(f"snapshot-name:{request.name}", shared=[f"volume:{request.source_volume_id}"]):
@@ -397,6 +405,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteSnapshotResponse:
+        validate.identifiers(request)
         require(request.snapshot_id, "snapshot_id")
         with self.inflight.hold(f"snapshot:{request.snapshot_id}"):
             self._call("delete_snapshot", snapshot_id=request.snapshot_id)
@@ -405,6 +414,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ListSnapshots(
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
+        validate.identifiers(request)
         records = [s for s in self._call("list_snapshots") if s.status == "available"]
         if request.snapshot_id:
             records = [s for s in records if s.id == request.snapshot_id]
@@ -419,6 +429,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def GetSnapshot(
         self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetSnapshotResponse:
+        validate.identifiers(request)
         require(request.snapshot_id, "snapshot_id")
         record = self._call("get_snapshot", snapshot_id=request.snapshot_id)
         if record is None or record.status != "available":

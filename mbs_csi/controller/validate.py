@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from csi import csi_pb2
 from mbs_csi import errors
 from mbs_csi.config import Backend, Settings
@@ -13,6 +16,13 @@ DEFAULT_SIZE_GIB = 1
 BACKEND_PARAMETER = "backend"
 # Keys the external-provisioner adds with --extra-create-metadata; accepted and not used.
 K8S_PARAMETER_PREFIX = "csi.storage.k8s.io/"
+# The largest volume in GiB: cinder keeps sizes in a 32-bit integer column (PostgreSQL refuses more), and
+# in bytes it stays far below what a file offset or a protobuf int64 can hold.
+MAX_SIZE_GIB = 2**31 - 1
+# The request fields, at any depth, that name or identify a volume, snapshot or node.
+IDENTIFIER_FIELDS = frozenset({"name", "volume_id", "snapshot_id", "source_volume_id", "node_id"})
+# CSI's size limit for strings.
+MAX_IDENTIFIER_BYTES = 128
 
 
 def backend_for(settings: Settings, parameters: Mapping[str, str]) -> Backend:
@@ -45,6 +55,11 @@ def size_gib(capacity: csi_pb2.CapacityRange | None, minimum_gib: int = DEFAULT_
             "volumes are allocated in whole GiB"
             + (f" and the source is {minimum_gib} GiB" if minimum_gib > DEFAULT_SIZE_GIB else "")
         )
+    if size > MAX_SIZE_GIB:
+        raise errors.OutOfRange(
+            f"capacity_range asks for {required} bytes; a volume can be at most {MAX_SIZE_GIB} GiB "
+            f"({MAX_SIZE_GIB * GIB} bytes)"
+        )
     return size
 
 
@@ -74,3 +89,18 @@ def accessible_topology(backend: Backend, requirements: csi_pb2.TopologyRequirem
             "topology of the request allows"
         )
     return [csi_pb2.Topology(segments=dict(backend.topology))] if backend.topology else []
+
+
+def identifiers(request: Message, path: str = "") -> None:
+    """Refuse a request whose names or ids (fields in :data:`IDENTIFIER_FIELDS`, nested ones included)
+    break CSI's limits: at most 128 bytes, and no NUL byte (which PostgreSQL cannot store)."""
+    for field, value in request.ListFields():
+        where = f"{path}{field.name}"
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.label != FieldDescriptor.LABEL_REPEATED:
+            identifiers(value, f"{where}.")
+        elif field.name in IDENTIFIER_FIELDS and isinstance(value, str):
+            size = len(value.encode())
+            if size > MAX_IDENTIFIER_BYTES:
+                raise errors.InvalidArgument(f"{where} is {size} bytes long; CSI allows at most {MAX_IDENTIFIER_BYTES}")
+            if "\0" in value:
+                raise errors.InvalidArgument(f"{where} contains a NUL byte")

@@ -25,4 +25,5 @@ def worker_config(settings: Settings) -> WorkerConfig:
         log_level=settings.log_level,
         backends=tuple(BackendSpec(b.name, b.volume_driver, b.all_options()) for b in settings.backends),
         secrets=tuple(sensitive + ([password] if password else [])),
+        backend_timeout=settings.backend_timeout,
     )

@@ -10,8 +10,11 @@ Layout under ``loopback_dir``:
 
 - ``volume-<id>``: a volume, a sparse file of exactly ``size`` GiB;
 - ``snapshot-<id>``: a snapshot, a full copy of its volume taken when it was created;
-- ``.tmp-*``: a create or copy in progress, given its real name only once complete, so a crash never
-  leaves a half-written file under a volume or snapshot name (one left by a crash can be deleted);
+- ``.tmp-<name>``: the create or copy of volume or snapshot ``<name>`` in progress, given its real
+  name only once complete, so a crash never leaves a half-written file under a volume or snapshot name.
+  It is written under the lock of ``<name>`` (below); one whose lock nobody holds was left by a crash,
+  and is removed when the backend starts and when ``<name>`` is deleted (the retry of a failed create
+  deletes what the failed attempt left);
 
 Clones and snapshots are copies: instant and space-sharing (reflink) where the filesystem supports it
 (btrfs, XFS with reflink), sparse copies elsewhere. A snapshot of a volume that is being written to is
@@ -20,11 +23,12 @@ crash-consistent at best, like pulling the power cord.
 Connections are ``driver_volume_type: local``: the file is bound to a loop device (``/dev/loopN``) which
 os-brick's LOCAL connector hands over as is.
 
-The loop devices of one volume are changed under the volume's lock from ``cinder.coordination``, so that
-processes sharing ``loopback_dir`` (the controller's backend workers) never bind a volume twice or detach
-a device another is handing out. cinderlib starts that coordinator with tooz's file backend: its locks are
-files in cinder's lock directory and hold across every process using that directory, as the workers all
-do. A volume's lock file is removed once the volume's file is gone.
+The files and loop devices of one volume or snapshot are made and changed under its lock from
+``cinder.coordination``, so that processes sharing ``loopback_dir`` (the controller's backend workers)
+never bind a volume twice, detach a device another is handing out, or remove a temp file another is
+writing. cinderlib starts that coordinator with tooz's file backend: its locks are files in cinder's lock
+directory and hold across every process using that directory, as the workers all do, and a process that
+dies lets go of its locks. A lock file is removed once its volume's or snapshot's file is gone.
 
 **Single host by nature.** A loop device exists only on the host that made it, so the controller and the
 node using a volume must be the same machine. This backend is for development, the quick start and tests,
@@ -36,12 +40,12 @@ The driver runs as root and calls ``losetup`` and ``cp`` directly (no sudo, no r
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ LOG = logging.getLogger(__name__)
 
 GiB = 1024**3
 VERSION = "1.0.0"
+TMP_PREFIX = ".tmp-"
 
 # How long to wait for another process holding a volume's lock, and for one losetup call.
 LOCK_TIMEOUT_S = 60.0
@@ -219,13 +224,24 @@ class LoopbackDriver(driver.VolumeDriver):
             if shutil.which(tool) is None:
                 raise _fail(f"{tool} not found in PATH (install util-linux / coreutils)")
         try:
-            fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=self.loopback_dir)
-            os.close(fd)
-            os.unlink(probe)
+            tempfile.TemporaryFile(dir=self.loopback_dir).close()  # unnamed where the kernel can
         except OSError as exc:
             raise _fail(f"loopback_dir {self.loopback_dir} is not writable: {exc.strerror}") from exc
         if not Path("/dev/loop-control").exists():
             raise _fail("/dev/loop-control is missing: this host (or container) cannot create loop devices")
+        self._remove_interrupted()
+
+    def _remove_interrupted(self) -> None:
+        """Remove the temp files that crashed creates and copies left: those whose lock is free. A live
+        process writing one holds its lock: its file stays."""
+        for tmp in self.loopback_dir.glob(f"{TMP_PREFIX}*"):
+            name = tmp.name.removeprefix(TMP_PREFIX)
+            # Lock files are removed by glob pattern: a name that is one is not ours to lock.
+            if not name or name.startswith(".") or glob.escape(name) != name:
+                continue
+            with self._lock(name, blocking=False) as held:
+                if held:
+                    self._remove_tmp(name)
 
     # -- paths -----------------------------------------------------------------------------------------
 
@@ -238,8 +254,9 @@ class LoopbackDriver(driver.VolumeDriver):
         return str(self._path(volume.name))
 
     @contextlib.contextmanager
-    def _volume_lock(self, name: str) -> Iterator[Path]:
-        """Hold the inter-process lock of volume ``name``, yield its path; drop the lock file once it is gone.
+    def _lock(self, name: str, blocking: bool | float) -> Iterator[bool]:
+        """Hold the inter-process lock of volume or snapshot ``name`` (yield True), or yield False when
+        ``blocking`` (False, or seconds to wait) ran out first; drop the lock file once ``name`` is gone.
 
         Waiting polls (tooz's file lock tries a non-blocking lock, then sleeps), so an eventlet-patched
         process keeps running its other green threads. A process still waiting on a removed lock file may
@@ -249,10 +266,11 @@ class LoopbackDriver(driver.VolumeDriver):
         path = self._path(name)
         lock_name = f"loopback-{name}"
         lock = coordination.COORDINATOR.get_lock(lock_name)
-        if not lock.acquire(blocking=LOCK_TIMEOUT_S):
-            raise _fail(f"timed out after {LOCK_TIMEOUT_S:.0f}s waiting for the lock of {name}")
+        if not lock.acquire(blocking=blocking):
+            yield False
+            return
         try:
-            yield path
+            yield True
         finally:
             try:
                 if not path.exists():
@@ -260,8 +278,23 @@ class LoopbackDriver(driver.VolumeDriver):
             finally:
                 lock.release()
 
+    @contextlib.contextmanager
+    def _volume_lock(self, name: str) -> Iterator[Path]:
+        """Hold the lock of volume or snapshot ``name`` (waiting for it up to LOCK_TIMEOUT_S), yield its path."""
+        with self._lock(name, blocking=LOCK_TIMEOUT_S) as held:
+            if not held:
+                raise _fail(f"timed out after {LOCK_TIMEOUT_S:.0f}s waiting for the lock of {name}")
+            yield self._path(name)
+
     def _tmp_path(self, name: str) -> Path:
-        return self.loopback_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        return self.loopback_dir / f"{TMP_PREFIX}{name}"
+
+    def _remove_tmp(self, name: str) -> None:
+        """Remove the temp file of ``name`` that an interrupted create or copy left (hold its lock)."""
+        tmp = self._tmp_path(name)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            LOG.warning("Removed %s, left by an interrupted create or copy", tmp)
 
     def _existing(self, name: str, what: str) -> Path:
         path = self._path(name)
@@ -273,19 +306,21 @@ class LoopbackDriver(driver.VolumeDriver):
 
     @contextlib.contextmanager
     def _new_file(self, name: str, doing: str) -> Iterator[Path]:
-        """A temp path for the caller to fill; it becomes ``name`` (never overwriting) once the block ends."""
-        final = self._path(name)
-        if final.exists():
-            raise _fail(f"{final} already exists")
-        tmp = self._tmp_path(name)
-        try:
-            yield tmp
-            publish(tmp, final)
-        except OSError as exc:
-            raise _fail(f"cannot {doing} {final}: {exc.strerror}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        """A temp path for the caller to fill, under ``name``'s lock; it becomes ``name`` (never
+        overwriting) once the block ends."""
+        with self._volume_lock(name) as final:
+            if final.exists():
+                raise _fail(f"{final} already exists")
+            self._remove_tmp(name)
+            tmp = self._tmp_path(name)
+            try:
+                yield tmp
+                publish(tmp, final)
+            except OSError as exc:
+                raise _fail(f"cannot {doing} {final}: {exc.strerror}") from exc
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
     def create_volume(self, volume: Any) -> None:
         with self._new_file(volume.name, "create") as tmp, open(tmp, "xb") as f:
@@ -314,11 +349,14 @@ class LoopbackDriver(driver.VolumeDriver):
             detach_loops(path)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            self._remove_tmp(volume.name)
         LOG.info("Deleted loopback volume %s", path)
 
     def delete_snapshot(self, snapshot: Any) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(snapshot.name).unlink()
+        with self._volume_lock(snapshot.name) as path:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self._remove_tmp(snapshot.name)
 
     def extend_volume(self, volume: Any, new_size: int) -> None:
         with self._volume_lock(volume.name):
