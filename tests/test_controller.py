@@ -357,7 +357,7 @@ def test_publish_is_idempotent_and_single_node(ctl):
     unpublish(ctl, volume.volume_id)
     unpublish(ctl, volume.volume_id)  # again: OK
     unpublish(ctl, str(uuid.uuid4()))  # unknown volume: OK
-    assert ctl.loop_devices() == []
+    wait_until(lambda: ctl.loop_devices() == [], 60, "the loop devices to be released")  # udev may hold one
     readonly = dict(publish(ctl, volume.volume_id, "node-b", readonly=True).publish_context)
     assert readonly["access_mode"] == "ro"
     ctl.stub.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id))  # all nodes

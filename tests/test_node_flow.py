@@ -23,6 +23,7 @@ from testkit.controller import ControllerUnderTest
 from testkit.csi_requests import GIB, block_cap, create_request, mount_cap
 from testkit.host import CAP_SYS_RESOURCE, REPO, has_capability
 from testkit.rpc import rpc_error
+from testkit.wait import wait_until
 
 NODE = "node-e2e"
 
@@ -436,7 +437,7 @@ def test_a_restarted_node_plugin_still_unstages_cleanly(cluster):
     vol.c.node = cluster.node = csi_pb2_grpc.NodeStub(cluster.driver.channel)
     vol.tear_down()
     assert not mounted(vol.staging) and not mounted(vol.target)
-    assert cluster.loop_devices() == []
+    wait_until(lambda: cluster.loop_devices() == [], 60, "the loop devices to be released")  # udev may hold one
 
 
 def test_stats_report_a_vanished_mount_and_a_vanished_device(cluster):
