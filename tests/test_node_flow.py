@@ -80,6 +80,7 @@ class Volume:
         self.c.node.NodeStageVolume(self.stage_request())
 
     def publish_request(self, target: Path | None = None, readonly: bool | None = None) -> pb.NodePublishVolumeRequest:
+        (target or self.target).parent.mkdir(parents=True, exist_ok=True)  # the CO makes the target's parent
         return pb.NodePublishVolumeRequest(
             volume_id=self.id,
             publish_context=self.context,

@@ -5,6 +5,11 @@ one row per staged volume with the connection info, os-brick's device info, the 
 filesystem. NodeStageVolume writes the row after attaching; NodeUnstageVolume reads it to call
 ``disconnect_volume`` and then removes it; ``mbs-csi node attachments`` lists the rows.
 
+A second table holds the *publications*: each target path the driver published a volume at, with the
+access mode and read-only flag it was published with. NodePublishVolume writes it before mounting and
+NodeUnpublishVolume removes it after unmounting: the node unmounts or removes only paths recorded
+here, never whatever path a request names.
+
 **No secrets on disk.** Connection info may hold a CHAP password or a Ceph keyring (merged in from the
 node-stage secrets). Every entry whose key looks secret (:func:`mbs_csi.secrets.is_secret_name`,
 at any depth) or whose string value holds a registered secret is dropped before a row is written, in
@@ -57,6 +62,18 @@ _MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    [
+        """
+        CREATE TABLE publications (
+            target_path  TEXT PRIMARY KEY,
+            volume_id    TEXT NOT NULL,
+            access_mode  INTEGER NOT NULL,
+            readonly     INTEGER NOT NULL CHECK (readonly IN (0, 1)),
+            created_at   REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX publications_by_volume ON publications (volume_id)",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Schema version 1 has an ``extra`` column that nothing reads or writes any more: a new row gets its
@@ -99,6 +116,21 @@ class Attachment:
             raise ValueError("an attachment needs a volume id")
         if self.access_type not in ACCESS_TYPES:
             raise ValueError(f"access_type must be one of {ACCESS_TYPES}, not {self.access_type!r}")
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One target path a volume is published at: its CSI access mode (an ``AccessMode.Mode`` number) and
+    whether the publish was read-only."""
+
+    target_path: str
+    volume_id: str
+    access_mode: int
+    readonly: bool
+    created_at: float = field(default_factory=time.time)
+
+
+_PUBLICATION_COLUMNS = ("target_path", "volume_id", "access_mode", "readonly", "created_at")
 
 
 def without_secrets(value: Any) -> Any:
@@ -199,6 +231,41 @@ class AttachmentStore:
             ).fetchall()
         return [_from_row(row) for row in rows]
 
+    def add_publication(self, publication: Publication) -> None:
+        """Record a target path (before mounting on it); replaces a record of the same path."""
+        values = tuple(getattr(publication, name) for name in _PUBLICATION_COLUMNS)
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO publications ({', '.join(_PUBLICATION_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_PUBLICATION_COLUMNS))})",
+                values,
+            )
+
+    def publication(self, target_path: str) -> Publication | None:
+        """The record of ``target_path``, or None when the driver did not publish anything there."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_PUBLICATION_COLUMNS)} FROM publications WHERE target_path = ?", (target_path,)
+            ).fetchone()
+        return _publication(row) if row is not None else None
+
+    def publications(self, volume_id: str) -> list[Publication]:
+        """Every target path ``volume_id`` is published at, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_PUBLICATION_COLUMNS)} FROM publications WHERE volume_id = ? "
+                "ORDER BY created_at, target_path",
+                (volume_id,),
+            ).fetchall()
+        return [_publication(row) for row in rows]
+
+    def remove_publication(self, target_path: str) -> bool:
+        """Forget a target path (after unmounting it); False if it was not recorded. Not flushed, as
+        :meth:`remove`: a record back after a power loss names a target that is not mounted, which
+        NodeUnpublishVolume undoes at once."""
+        with self._transaction(flush=False) as db:
+            return db.execute("DELETE FROM publications WHERE target_path = ?", (target_path,)).rowcount > 0
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -215,3 +282,8 @@ def _from_row(row: tuple[Any, ...]) -> Attachment:
     for name in _JSON_COLUMNS:
         values[name] = json.loads(values[name])
     return Attachment(**values)
+
+
+def _publication(row: tuple[Any, ...]) -> Publication:
+    values = dict(zip(_PUBLICATION_COLUMNS, row, strict=True))
+    return Publication(**{**values, "readonly": bool(values["readonly"])})
