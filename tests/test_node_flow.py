@@ -397,7 +397,7 @@ def test_a_device_with_only_a_partition_table_is_refused_untouched(cluster):
         f.write(mbr)
     error = rpc_error(vol.stage)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "carries a signature (partition table or similar) but no filesystem" in error.details()
+    assert "holds no filesystem but is not blank either" in error.details()
     assert not mounted(vol.staging)
     with open(device, "rb") as f:
         assert f.read(512) == bytes(mbr) and f.read(1 << 20) == bytes(1 << 20)  # nothing else written

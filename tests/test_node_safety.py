@@ -167,6 +167,7 @@ class Canary:
     root: Path
     paths: dict[str, str]  # what each canary is -> its path
     foreign_device: str  # a loop device holding data, mounted nowhere
+    foreign_mounted: str  # the loop device of the foreign-mount
     data_file: Path
 
 
@@ -194,7 +195,7 @@ def plant_canaries(host: Host) -> Canary:
     with open(raw, "r+b") as device:
         device.write(os.urandom(16 * MIB))
     paths = {p.name: str(p) for p in root.iterdir()}
-    return Canary(root, paths, raw, data_file)
+    return Canary(root, paths, raw, mounted, data_file)
 
 
 def digest(path: str, limit: int = 64 * MIB) -> str:
@@ -378,3 +379,35 @@ def test_stats_check_the_path_before_the_health_of_the_volume(host: Host) -> Non
     for path in (target, volume.staging):  # its own paths: answered, with the condition
         response = host.node.NodeGetVolumeStats(volume.stats_request(path), None)
         assert response.volume_condition.abnormal and "is gone" in response.volume_condition.message
+
+
+# --- NodeStageVolume ---------------------------------------------------------------------------------
+
+
+def test_stage_uses_only_an_unused_block_device_and_formats_only_a_blank_one(host: Host) -> None:
+    canary = plant_canaries(host)
+    before = snapshot(canary)
+    fresh = host.loop("fresh.img")
+    FP, NF = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND
+    attacks = [  # (device_path in publish_context, capability, staging path, expected)
+        (str(canary.data_file), mount_cap("ext4"), None, FP),  # a file, not a block device
+        (str(canary.data_file), block_cap(), None, FP),
+        (canary.foreign_device, mount_cap("ext4"), None, FP),  # data without a signature: never formatted
+        (canary.foreign_mounted, mount_cap("ext4"), None, FP),  # mounted elsewhere: in use
+        (canary.foreign_mounted, block_cap(), None, FP),
+        ("/dev/mbs-no-such-device", block_cap(), None, NF),
+        ("/dev/mbs-no-such-device", mount_cap("ext4"), None, NF),
+        (canary.paths["link-to-file"], block_cap(), None, FP),
+        (fresh, mount_cap("ext4"), canary.paths["tmpfs"], grpc.StatusCode.ALREADY_EXISTS),
+        (fresh, mount_cap("ext4"), canary.paths["full-dir"], FP),
+        (fresh, mount_cap("ext4"), canary.paths["link-to-dir"], FP),
+        (fresh, mount_cap("ext4"), "relative/staging", grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for device, cap, staging, expected in attacks:
+        volume = Volume("attack", device, staging or str(host.root / "staging-attack"), cap)
+        code, message = call(host.node.NodeStageVolume, volume.stage_request())
+        assert code == expected, (device, staging, message)
+        assert host.store.get("attack") is None
+    assert snapshot(canary) == before
+    with open(fresh, "rb") as device:
+        assert not device.read(1024**2).strip(b"\0")

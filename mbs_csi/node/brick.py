@@ -255,6 +255,18 @@ def attach(connection_info: Mapping[str, Any]) -> dict[str, Any]:
     return _json_copy(device_info)
 
 
+def attached_device(connection_info: Mapping[str, Any], device_info: Mapping[str, Any]) -> str:
+    """The device path :func:`attach` returned, after checking that it is the device the connection
+    describes where the connection names one (``local``: its ``device_path``; other protocols' connectors
+    find the device from the target themselves). FailedPrecondition when they differ."""
+    path = str(device_info.get("path") or "")
+    data = connection_info.get("data") or {}
+    named = data.get("device_path") if connection_info.get(PROTOCOL_KEY) == "local" else None
+    if named is not None and os.path.realpath(str(named)) != os.path.realpath(path):
+        raise errors.FailedPrecondition(f"os-brick attached {path}, not the device {named} the connection names")
+    return path
+
+
 def detach(connection_info: Mapping[str, Any], device_info: Mapping[str, Any] | None) -> None:
     """Disconnect the volume from this host (os-brick's ``disconnect_volume``) using the attach's ``device_info``.
 

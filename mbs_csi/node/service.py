@@ -14,7 +14,7 @@ from mbs_csi.capabilities import mode_name, require, sharing_conflict
 from mbs_csi.config import Settings
 from mbs_csi.inflight import InFlight
 from mbs_csi.node import brick, paths, readonly_block
-from mbs_csi.node.devices import block_device_size
+from mbs_csi.node.devices import block_device_size, unused_block_device
 from mbs_csi.node.formatting import NotBlankError, format_device
 from mbs_csi.node.inspection import inspect
 from mbs_csi.node.mount_error import MountError
@@ -82,12 +82,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.staging_target_path, "staging_target_path")
         require(request.HasField("volume_capability"), "volume_capability")
         require(dict(request.publish_context), "publish_context (was the volume published to this node?)")
+        staging = paths.checked(request.staging_target_path, "staging_target_path")
         wants = _access(request.volume_capability)
         fs_type = wants.fs_type if wants.type == "mount" else ""
         with self.inflight.hold(f"volume:{request.volume_id}"):
             existing = self.store.get(request.volume_id)
             if existing is not None:
-                return self._restage(existing, request, wants.type, fs_type)
+                return self._restage(existing, staging, request, wants.type, fs_type)
             try:
                 connection_info = from_publish_context(dict(request.publish_context), dict(request.secrets))
             except KeyError as missing:
@@ -96,16 +97,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     "reference a Secret holding it with csi.storage.k8s.io/node-stage-secret-name"
                 ) from None
             device_info = brick.attach(connection_info)
-            device = str(device_info.get("path") or "")
             try:
+                # Only a block device the connector attached, unused, for the volume the connection names.
+                device = unused_block_device(brick.attached_device(connection_info, device_info))
                 if wants.type == "mount":
-                    self._format_and_mount(
-                        device, request.staging_target_path, fs_type, list(request.volume_capability.mount.mount_flags)
-                    )
+                    self._format_and_mount(device, staging, fs_type, list(request.volume_capability.mount.mount_flags))
                 self.store.put(
                     Attachment(
                         volume_id=request.volume_id,
-                        staging_path=request.staging_target_path,
+                        staging_path=staging,
                         access_type=wants.type,
                         fs_type=fs_type,
                         connection_info=connection_info,
@@ -115,7 +115,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 )
             except Exception:
                 with contextlib.suppress(Exception):
-                    unmount(request.staging_target_path)
+                    attached = os.path.realpath(str(device_info.get("path")))
+                    if paths.is_mount_point(staging) and mounted_device(staging) == attached:
+                        unmount(staging)  # only the mount this call made
                 with contextlib.suppress(Exception):
                     brick.detach(connection_info, device_info)
                 raise
@@ -129,7 +131,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         probe. A failed mount writes nothing to the device; only then does :func:`format_device` probe it,
         formatting a blank device and refusing one that holds anything (never formatted).
         """
-        ensure_dir(staging)
+        if paths.is_mount_point(staging):
+            raise errors.AlreadyExists(f"{staging} is already mounted with something else")
+        paths.prepare_target(staging, "mount")
         options = _mount_options(fs_type, flags)
         try:
             mount(device, staging, fs_type=fs_type, options=options)
@@ -146,15 +150,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                         "refusing to reformat it"
                     ) from mount_error
                 raise errors.FailedPrecondition(
-                    f"device {device} carries a signature (partition table or similar) but no filesystem; "
-                    "refusing to format it"
+                    f"device {device} holds no filesystem but is not blank either (a partition table, another "
+                    "signature, or data); refusing to format it"
                 ) from mount_error
         mount(device, staging, fs_type=fs_type, options=options)
 
     def _restage(
-        self, existing: Attachment, request: csi_pb2.NodeStageVolumeRequest, access_type: str, fs_type: str
+        self,
+        existing: Attachment,
+        staging: str,
+        request: csi_pb2.NodeStageVolumeRequest,
+        access_type: str,
+        fs_type: str,
     ) -> csi_pb2.NodeStageVolumeResponse:
-        if existing.staging_path != request.staging_target_path:
+        if existing.staging_path != staging:
             raise errors.FailedPrecondition(f"volume {existing.volume_id} is already staged at {existing.staging_path}")
         if existing.access_type != access_type or existing.fs_type != fs_type:
             raise errors.AlreadyExists(
