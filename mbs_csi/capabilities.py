@@ -90,6 +90,8 @@ def access(capabilities: Iterable[csi_pb2.VolumeCapability], multiattach: bool) 
                 )
             fs_types.add(fs)
         mode = cap.access_mode.mode
+        if mode not in AccessMode.Mode.values():
+            raise errors.InvalidArgument(f"access_mode.mode {mode} is not an access mode of the CSI spec")
         if mode in MULTI_NODE_MODES:
             multi = True
             if kind != "block":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mbs_csi import secrets
+from mbs_csi import errors, secrets
 
 PROTOCOL_KEY = "driver_volume_type"
 JSON_KEYS = "mbs.json_keys"
@@ -58,14 +58,18 @@ def to_publish_context(connection_info: dict[str, Any]) -> dict[str, str]:
 
 
 def from_publish_context(context: dict[str, str], stage_secrets: dict[str, str]) -> dict[str, Any]:
-    """The connection info again; withheld keys come from ``stage_secrets`` (KeyError names one missing)."""
+    """The connection info again; withheld keys come from ``stage_secrets`` (KeyError names one missing).
+    InvalidArgument when a value listed as JSON is not."""
     encoded = set(filter(None, context.get(JSON_KEYS, "").split(",")))
     withheld = list(filter(None, context.get(SECRET_KEYS, "").split(",")))
     data: dict[str, Any] = {}
     for key, value in context.items():
         if key in (PROTOCOL_KEY, JSON_KEYS, SECRET_KEYS):
             continue
-        data[key] = json.loads(value) if key in encoded else value
+        try:
+            data[key] = json.loads(value) if key in encoded else value
+        except ValueError:
+            raise errors.InvalidArgument(f"publish_context[{key!r}] is listed in {JSON_KEYS} but is not JSON") from None
     for key in withheld:
         data[key] = stage_secrets[key]
     return {PROTOCOL_KEY: context.get(PROTOCOL_KEY, ""), "data": data}

@@ -152,7 +152,7 @@ def test_filesystem_volume_life(cluster, fs_type):
         # This sandbox drops CAP_SYS_RESOURCE, which online ext4 growth needs (a privileged node pod has
         # it): the call must fail with a message that says so, and the volume must keep working.
         error = rpc_error(vol.expand, 2)
-        assert error.code() == grpc.StatusCode.INTERNAL and "CAP_SYS_RESOURCE" in error.details()
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "CAP_SYS_RESOURCE" in error.details()
         assert (vol.target / "hello.txt").read_text() == "kept across unstage"
         vol.tear_down()
         return

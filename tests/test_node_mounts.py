@@ -415,7 +415,7 @@ def test_online_resize_after_the_device_grew(
     reread_capacity(device)
     assert block_device_size(device) == 2 * GiB
     if fs_type == "ext4" and not has_capability(CAP_SYS_RESOURCE):
-        with pytest.raises(MountError, match=r"Permission denied .*needs the CAP_SYS_RESOURCE capability"):
+        with pytest.raises(FailedPrecondition, match=r"Permission denied .*needs the CAP_SYS_RESOURCE capability"):
             resize_filesystem(device, target, fs_type)
         unmount(target)
         pytest.skip("online ext4 resize needs CAP_SYS_RESOURCE, which this process lacks")

@@ -1,0 +1,214 @@
+"""The Node service through gRPC and the driver's interceptor and log format, in this process: bad input
+answers INVALID_ARGUMENT (never INTERNAL "unexpected ..."), a client's value cannot forge log lines,
+and an ext4 filesystem that cannot grow online is a FAILED_PRECONDITION with one WARNING line."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import grpc
+import pytest
+
+from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc
+from mbs_csi import capabilities, errors, logs
+from mbs_csi.config import Settings
+from mbs_csi.interceptor import RpcInterceptor
+from mbs_csi.node import brick
+from mbs_csi.node.service import NodeService
+from mbs_csi.node.store import AttachmentStore
+from testkit.csi_requests import block_cap, mount_cap
+from testkit.host import CAP_SYS_RESOURCE, has_capability, short_tmpdir
+from testkit.loop import attach, detach, reread_capacity, sparse_file
+from testkit.rpc import rpc_error
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
+    ),
+    pytest.mark.filterwarnings("ignore:Using fork:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_utils.eventletutils"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_service.eventlet_backdoor"),
+]
+
+MIB = 1024**2
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass
+class Node:
+    stub: csi_pb2_grpc.NodeStub
+    root: Path
+    log: io.StringIO
+    devices: list[str]
+
+    def logged(self) -> list[str]:
+        return self.log.getvalue().splitlines()
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    root = short_tmpdir("mbs-node-rpc-")
+    brick.setup_privileges(lock_path=str(root / "locks"))
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logs.ScrubbingFormatter(logs.FORMAT))
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)
+    store = AttachmentStore.in_state_dir(root / "state")
+    settings = cast(Settings, SimpleNamespace(node_id="node-rpc", topology={}, max_volumes_per_node=0))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[RpcInterceptor()])
+    csi_pb2_grpc.add_NodeServicer_to_server(NodeService(settings, store), server)
+    socket = root / "csi.sock"
+    server.add_insecure_port(f"unix://{socket}")
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{socket}")
+    made = Node(csi_pb2_grpc.NodeStub(channel), root, log, [])
+    try:
+        yield made
+    finally:
+        channel.close()
+        server.stop(None).wait()
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(level)
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            if line.split()[4].startswith(f"{root}/"):
+                subprocess.run(["umount", "-l", line.split()[4]], check=False, timeout=60)
+        for device in made.devices:
+            detach(device)
+        store.close()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False, timeout=60)
+
+
+def staged(node: Node, name: str, cap: pb.VolumeCapability, size: int = 64 * MIB) -> tuple[str, str]:
+    """A volume staged at ``<root>/staging-<name>``: (its loop device, its staging path)."""
+    device = attach(sparse_file(node.root / f"{name}.img", size))
+    node.devices.append(device)
+    staging = str(node.root / f"staging-{name}")
+    node.stub.NodeStageVolume(
+        pb.NodeStageVolumeRequest(
+            volume_id=name,
+            staging_target_path=staging,
+            volume_capability=cap,
+            publish_context={"driver_volume_type": "local", "device_path": device},
+        )
+    )
+    return device, staging
+
+
+def with_mode(cap: pb.VolumeCapability, mode: int) -> pb.VolumeCapability:
+    changed = pb.VolumeCapability()
+    changed.CopyFrom(cap)
+    changed.access_mode.mode = mode
+    return changed
+
+
+@pytest.mark.parametrize("mode", [-1, 8, 9])
+def test_an_access_mode_the_spec_does_not_define_is_an_invalid_argument(mode: int) -> None:
+    """What CreateVolume, GetCapacity, ValidateVolumeCapabilities and the node all check with."""
+    for cap in (mount_cap(), block_cap()):
+        with pytest.raises(errors.InvalidArgument, match=f"access_mode.mode {mode} is not an access mode"):
+            capabilities.access([with_mode(cap, mode)], multiattach=True)
+
+
+def test_bad_input_is_an_invalid_argument_not_an_internal_error(node: Node) -> None:
+    _, staging = staged(node, "vol", mount_cap("ext4"))
+    pod = node.root / "pod"
+    pod.mkdir()
+    target = str(pod / "volume")
+
+    def publish(**fields: object) -> pb.NodePublishVolumeRequest:
+        request = pb.NodePublishVolumeRequest(
+            volume_id="vol", staging_target_path=staging, target_path=target, volume_capability=mount_cap("ext4")
+        )
+        for name, value in fields.items():
+            if name == "volume_mount_group":
+                request.volume_capability.mount.volume_mount_group = str(value)
+            elif name == "mode":
+                request.volume_capability.access_mode.mode = int(cast(int, value))
+            else:
+                setattr(request, name, value)
+        return request
+
+    long_component = str(pod / ("x" * 256))
+    bad = [
+        (node.stub.NodePublishVolume, publish(target_path=f"{pod}/nul\0byte")),
+        (node.stub.NodePublishVolume, publish(staging_target_path=f"{staging}\0")),
+        (node.stub.NodePublishVolume, publish(target_path="relative/volume")),
+        (node.stub.NodePublishVolume, publish(volume_mount_group="99999999999")),
+        (node.stub.NodePublishVolume, publish(volume_mount_group="-5")),
+        (node.stub.NodePublishVolume, publish(mode=9)),
+        (node.stub.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id="vol", target_path=f"{pod}/a\0b")),
+        (node.stub.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id="vol", target_path=long_component)),
+        (node.stub.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id="vol", volume_path=f"{staging}\0")),
+        (node.stub.NodeExpandVolume, pb.NodeExpandVolumeRequest(volume_id="vol", volume_path=f"{staging}\0x")),
+        (
+            node.stub.NodeStageVolume,
+            pb.NodeStageVolumeRequest(
+                volume_id="other",
+                staging_target_path=str(node.root / "staging-other"),
+                volume_capability=mount_cap("ext4"),
+                publish_context={
+                    "driver_volume_type": "local",
+                    "device_path": "/dev/null",
+                    "mbs.json_keys": "device_path",
+                },
+            ),
+        ),
+        (
+            node.stub.NodeStageVolume,
+            pb.NodeStageVolumeRequest(
+                volume_id="other",
+                staging_target_path=str(node.root / "staging-other"),
+                volume_capability=with_mode(block_cap(), -1),
+                publish_context={"driver_volume_type": "local", "device_path": "/dev/null"},
+            ),
+        ),
+    ]
+    for method, request in bad:
+        error = rpc_error(method, request)
+        assert error.code() == INVALID, (request, error.details())
+        assert "unexpected" not in error.details()
+    assert not os.path.lexists(target)
+    assert "Traceback" not in node.log.getvalue()
+
+
+def test_a_newline_in_a_client_value_cannot_forge_a_log_line(node: Node) -> None:
+    forged = "2026-01-01 00:00:00,000 INFO mbs_csi.rpc: NodeUnstageVolume done volume_id=victim status=OK"
+    for _ in range(3):
+        node.stub.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id=f"evil\n{forged}\r\n{forged}", target_path="/nonexistent")
+        )
+        rpc_error(
+            node.stub.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id=f"x\n{forged}", volume_path="/y")
+        )
+    lines = node.logged()
+    assert lines and not any(line.startswith(forged[:20]) for line in lines), lines
+    assert all(line[:4].isdigit() for line in lines), lines  # every line is one the formatter began
+
+
+@pytest.mark.skipif(has_capability(CAP_SYS_RESOURCE), reason="this process can grow ext4 online")
+def test_ext4_that_cannot_grow_online_is_a_failed_precondition_with_one_warning(node: Node) -> None:
+    device, staging = staged(node, "grow", mount_cap("ext4"))
+    with open(node.root / "grow.img", "r+b") as f:
+        f.truncate(128 * MIB)
+    reread_capacity(device)
+    request = pb.NodeExpandVolumeRequest(volume_id="grow", volume_path=staging)
+    before = len(node.logged())
+    for _ in range(2):  # each kubelet retry the same
+        error = rpc_error(node.stub.NodeExpandVolume, request)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "CAP_SYS_RESOURCE" in error.details()
+    lines = node.logged()[before:]
+    assert "Traceback" not in "\n".join(lines) and not any(" ERROR " in line for line in lines), lines
+    assert sum(" WARNING " in line for line in lines) == 2, lines
