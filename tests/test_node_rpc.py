@@ -212,3 +212,29 @@ def test_ext4_that_cannot_grow_online_is_a_failed_precondition_with_one_warning(
     lines = node.logged()[before:]
     assert "Traceback" not in "\n".join(lines) and not any(" ERROR " in line for line in lines), lines
     assert sum(" WARNING " in line for line in lines) == 2, lines
+
+
+def test_whatever_came_from_the_secrets_map_is_never_stored_nor_logged(node: Node) -> None:
+    """A node-stage secret is secret whatever its key: here ``device_path``, named in mbs.secret_keys."""
+    device = attach(sparse_file(node.root / "secret.img", 64 * MIB))
+    node.devices.append(device)
+    secret = node.root / "device-path-given-as-a-secret-0x5eC4e7"
+    secret.symlink_to(device)
+    logging.getLogger().setLevel(logging.DEBUG)
+    for _ in range(2):
+        node.stub.NodeStageVolume(
+            pb.NodeStageVolumeRequest(
+                volume_id="secret",
+                staging_target_path=str(node.root / "staging-secret"),
+                volume_capability=block_cap(),
+                publish_context={"driver_volume_type": "local", "mbs.secret_keys": "device_path"},
+                secrets={"device_path": str(secret)},
+            )
+        )
+    log = node.log.getvalue()
+    stored = b"".join(p.read_bytes() for p in (node.root / "state").iterdir())
+    assert "NodeStageVolume done" in log and b"secret" in stored  # both were written...
+    assert str(secret) not in log and str(secret).encode() not in stored  # ...without the secret
+    node.stub.NodeUnstageVolume(
+        pb.NodeUnstageVolumeRequest(volume_id="secret", staging_target_path=str(node.root / "staging-secret"))
+    )

@@ -11,11 +11,12 @@ NodeUnpublishVolume removes it after unmounting: the node unmounts or removes on
 here, never whatever path a request names.
 
 **No secrets on disk.** Connection info may hold a CHAP password or a Ceph keyring (merged in from the
-node-stage secrets). Every entry whose key looks secret (:func:`mbs_csi.secrets.is_secret_name`,
-at any depth) or whose string value holds a registered secret is dropped before a row is written, in
-``connection_info`` and ``device_info`` alike; what :meth:`AttachmentStore.get` returns is that
-secret-free copy. ``disconnect_volume`` does not need the secrets (an iSCSI logout or a krbd unmap needs
-no password), which is as well: CSI's NodeUnstageVolume carries no secrets to fill them back from.
+node-stage secrets). Every entry the driver's one rule calls secret (:func:`mbs_csi.secrets.is_secret`:
+anything from the secrets map, a secret-looking key, a value holding a registered secret; at any
+depth) is dropped before a row is written, in ``connection_info`` and ``device_info`` alike; what
+:meth:`AttachmentStore.get` returns is that secret-free copy. ``disconnect_volume`` does not need the
+secrets (an iSCSI logout or a krbd unmap needs no password), which is as well: CSI's NodeUnstageVolume
+carries no secrets to fill them back from.
 
 Standard library only (``sqlite3``): the node role must start fast. One connection per store guarded by
 a lock serves the gRPC server's threads; WAL journaling lets another process (the CLI) read while the
@@ -134,15 +135,11 @@ _PUBLICATION_COLUMNS = ("target_path", "volume_id", "access_mode", "readonly", "
 
 
 def without_secrets(value: Any) -> Any:
-    """``value`` minus every mapping entry whose key looks secret or whose value holds a registered secret."""
+    """``value`` minus every entry, at any depth, that :func:`mbs_csi.secrets.is_secret` calls secret."""
     if isinstance(value, Mapping):
-        return {
-            key: without_secrets(item)
-            for key, item in value.items()
-            if not secrets.is_secret_name(str(key)) and not (isinstance(item, str) and secrets.scrub(item) != item)
-        }
+        return {key: without_secrets(item) for key, item in value.items() if not secrets.is_secret(str(key), item)}
     if isinstance(value, list | tuple):
-        return [without_secrets(item) for item in value if not (isinstance(item, str) and secrets.scrub(item) != item)]
+        return [without_secrets(item) for item in value if not secrets.is_secret("", item)]
     return value
 
 
