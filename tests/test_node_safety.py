@@ -411,3 +411,32 @@ def test_stage_uses_only_an_unused_block_device_and_formats_only_a_blank_one(hos
     assert snapshot(canary) == before
     with open(fresh, "rb") as device:
         assert not device.read(1024**2).strip(b"\0")
+
+
+# --- volume_mount_group ------------------------------------------------------------------------------
+
+
+def test_a_publish_whose_group_step_fails_is_undone_and_the_retry_applies_the_group(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mbs_csi.node import service
+    from mbs_csi.node.mount_error import MountError
+
+    cap = mount_cap("ext4")
+    cap.mount.volume_mount_group = "4321"
+    volume = host.volume("vol", cap)
+    target = host.target("pod")
+    apply_group = service.apply_group
+
+    def fail_once(path: str, gid: int) -> None:
+        monkeypatch.setattr(service, "apply_group", apply_group)
+        raise MountError(f"cannot give group {gid} access to {path}: injected failure")
+
+    monkeypatch.setattr(service, "apply_group", fail_once)
+    code, message = call(host.node.NodePublishVolume, volume.publish_request(target))
+    assert code == grpc.StatusCode.INTERNAL and "injected failure" in message
+    assert not os.path.lexists(target) and host.store.publication(target) is None  # all undone
+    assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
+    info = os.stat(target)
+    assert info.st_gid == 4321 and info.st_mode & 0o2070 == 0o2070
+    assert call(host.node.NodeUnpublishVolume, volume.unpublish_request(target)) == (OK, "")
