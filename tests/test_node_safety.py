@@ -10,6 +10,7 @@ canary tree exactly as it was (content, kinds, link targets, mounts, device byte
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import subprocess
@@ -26,6 +27,7 @@ from csi import csi_pb2 as pb
 from mbs_csi.config import Settings
 from mbs_csi.interceptor import to_status
 from mbs_csi.node import brick
+from mbs_csi.node.attachments import list_attachments
 from mbs_csi.node.mountinfo import read_mountinfo
 from mbs_csi.node.service import NodeService
 from mbs_csi.node.store import AttachmentStore
@@ -107,6 +109,12 @@ class Host:
         self.node = NodeService(settings, self.store)
         self.devices: list[str] = []
         (root / "pods").mkdir()
+
+    def restart(self) -> None:
+        """A node plugin started again on the same state directory (what it did before stopping is on disk)."""
+        self.store.close()
+        self.store = AttachmentStore.in_state_dir(self.root / "state")
+        self.node = NodeService(self.node.settings, self.store)
 
     def loop(self, name: str, size: int = 64 * MIB) -> str:
         device = attach(sparse_file(self.root / name, size))
@@ -440,3 +448,101 @@ def test_a_publish_whose_group_step_fails_is_undone_and_the_retry_applies_the_gr
     info = os.stat(target)
     assert info.st_gid == 4321 and info.st_mode & 0o2070 == 0o2070
     assert call(host.node.NodeUnpublishVolume, volume.unpublish_request(target)) == (OK, "")
+
+
+# --- crash points ------------------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """The node plugin killed at this point: no handler runs, what was done stays done."""
+
+
+def crash_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, after: bool) -> None:
+    """Make ``owner.name`` crash the plugin once, before it works or after it first worked."""
+    real = getattr(owner, name)
+
+    def crashing(*args: Any, **kwargs: Any) -> Any:
+        if after:
+            real(*args, **kwargs)  # a failure is no crash: it raises as usual, and the next call may crash
+        monkeypatch.setattr(owner, name, real)
+        raise Crash(name)
+
+    monkeypatch.setattr(owner, name, crashing)
+
+
+def mounts_at(path: str) -> int:
+    return sum(entry.mount_point == path for entry in read_mountinfo())
+
+
+STAGE_STEPS = [
+    ("attach", False),  # the intent is recorded, nothing attached
+    ("attach", True),  # attached, the device not recorded yet
+    ("format_device", True),  # formatted, not mounted
+    ("mount", False),
+    ("mount", True),  # mounted, the record not complete
+]
+
+
+def stage_owner(name: str) -> Any:
+    from mbs_csi.node import service
+
+    return service.brick if name == "attach" else service
+
+
+@pytest.mark.parametrize("then", ["retry", "restart"])
+@pytest.mark.parametrize(
+    ("step", "after"), STAGE_STEPS, ids=[f"{'after' if a else 'before'}-{s}" for s, a in STAGE_STEPS]
+)
+def test_a_stage_killed_at_any_step_is_finished_by_a_retry_or_undone_at_start(
+    host: Host, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, step: str, after: bool, then: str
+) -> None:
+    volume = host.volume("vol", mount_cap("ext4"), stage=False)
+    crash_once(monkeypatch, stage_owner(step), step, after)
+    with pytest.raises(Crash):
+        host.node.NodeStageVolume(volume.stage_request(), None)
+    record = host.store.get("vol")
+    assert record is not None and record.state == "attaching"  # recorded before anything was attached
+    [row] = list_attachments(host.root / "state")
+    assert row["state"] == "attaching" and row["problem"] == "a stage that stopped halfway"
+    if then == "restart":
+        with caplog.at_level(logging.WARNING, logger="mbs_csi.node.service"):
+            host.restart()
+        assert "at start: volume vol: a stage that stopped halfway was undone" in caplog.text
+        assert host.store.get("vol") is None and mounts_at(volume.staging) == 0  # undone
+    assert call(host.node.NodeStageVolume, volume.stage_request()) == (OK, "")
+    record = host.store.get("vol")
+    assert record is not None and record.state == "staged" and record.device_path == volume.device
+    assert mounts_at(volume.staging) == 1
+    target = host.target("pod")
+    assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
+    Path(target, "data").write_text("written after the crash")
+    [row] = list_attachments(host.root / "state")
+    assert row["state"] == "staged" and row["exists"] and row["targets"] == [target]
+    assert call(host.node.NodeUnpublishVolume, volume.unpublish_request(target)) == (OK, "")
+    unstage = pb.NodeUnstageVolumeRequest(volume_id="vol", staging_target_path=volume.staging)
+    assert call(host.node.NodeUnstageVolume, unstage) == (OK, "")
+    assert host.store.get("vol") is None and mounts_at(volume.staging) == 0
+
+
+@pytest.mark.parametrize("then", ["retry", "restart"])
+@pytest.mark.parametrize("step", ["mount", "apply_group"])
+def test_a_publish_killed_before_or_after_its_mount_is_finished_by_a_retry(
+    host: Host, monkeypatch: pytest.MonkeyPatch, step: str, then: str
+) -> None:
+    from mbs_csi.node import service
+
+    cap = mount_cap("ext4")
+    cap.mount.volume_mount_group = "4321"
+    volume = host.volume("vol", cap)
+    target = host.target("pod")
+    crash_once(monkeypatch, service, step, after=step == "mount")
+    with pytest.raises(Crash):
+        host.node.NodePublishVolume(volume.publish_request(target), None)
+    assert host.store.publication(target) is not None  # recorded before mounting
+    if then == "restart":
+        host.restart()
+    assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
+    info = os.stat(target)
+    assert mounts_at(target) == 1 and info.st_gid == 4321 and info.st_mode & 0o2070 == 0o2070
+    assert call(host.node.NodeUnpublishVolume, volume.unpublish_request(target)) == (OK, "")
+    assert not os.path.lexists(target) and mounts_at(target) == 0

@@ -4,6 +4,7 @@ volume in the local attachment store so every call can be repeated, and undone a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import grpc
@@ -22,11 +23,12 @@ from mbs_csi.node.mountinfo import is_mounted, mounted_device
 from mbs_csi.node.mounting import mount, unmount
 from mbs_csi.node.paths import apply_group, ensure_dir
 from mbs_csi.node.resizing import resize_filesystem
-from mbs_csi.node.store import Attachment, AttachmentStore, Publication
+from mbs_csi.node.store import ATTACHING, STAGED, Attachment, AttachmentStore, Publication
 from mbs_csi.node.usage import filesystem_stats
 from mbs_csi.publish_context import from_publish_context
 
 RPC = csi_pb2.NodeServiceCapability.RPC
+_LOG = logging.getLogger(__name__)
 
 
 def _mount_options(fs_type: str, flags: list[str]) -> list[str]:
@@ -40,11 +42,48 @@ def _access(capability: csi_pb2.VolumeCapability) -> capabilities.Access:
     return capabilities.access([capability], multiattach=True)
 
 
+def undo_stage(record: Attachment, store: AttachmentStore) -> None:
+    """Undo a stage, whole or stopped halfway: unmount the staging path if the recorded device is what is
+    mounted there, release the read-only views, detach, and forget the record."""
+    device = os.path.realpath(record.device_path) if record.device_path else ""
+    if device and paths.is_mount_point(record.staging_path) and mounted_device(record.staging_path) == device:
+        unmount(record.staging_path)
+    if device and record.access_type == "block":
+        readonly_block.release(device)  # before the device they hold open
+    brick.detach(record.connection_info, record.device_info or None)
+    store.remove(record.volume_id)
+
+
+def reconcile(store: AttachmentStore) -> list[str]:
+    """Bring the store and the kernel together at start: undo every stage that stopped halfway (a crash
+    between the intent record and its completion); name each fix, and each publish target no longer
+    mounted (kubelet publishes it again or unpublishes it)."""
+    fixed = []
+    for record in store.all():
+        if record.state == ATTACHING:
+            try:
+                undo_stage(record, store)
+            except Exception as exc:  # the node must start anyway: NodeUnstageVolume or a retry finishes it
+                fixed.append(f"volume {record.volume_id}: a stage that stopped halfway could not be undone: {exc}")
+                continue
+            fixed.append(
+                f"volume {record.volume_id}: a stage that stopped halfway was undone "
+                f"(device {record.device_path or 'not attached yet'}, staging path {record.staging_path})"
+            )
+            continue
+        for publication in store.publications(record.volume_id):
+            if not paths.is_mount_point(publication.target_path):
+                fixed.append(f"volume {record.volume_id}: target {publication.target_path} is no longer mounted")
+    return fixed
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, settings: Settings, store: AttachmentStore) -> None:
         self.settings = settings
         self.store = store
         self.inflight = InFlight()
+        for fix in reconcile(store):
+            _LOG.warning("at start: %s", fix)
 
     # --- info ---------------------------------------------------------------------------------------
 
@@ -87,8 +126,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         fs_type = wants.fs_type if wants.type == "mount" else ""
         with self.inflight.hold(f"volume:{request.volume_id}"):
             existing = self.store.get(request.volume_id)
-            if existing is not None:
+            if existing is not None and existing.state == STAGED:
                 return self._restage(existing, staging, request, wants.type, fs_type)
+            if existing is not None and (existing.staging_path, existing.access_type) != (staging, wants.type):
+                undo_stage(existing, self.store)  # a stage that stopped halfway, asked now for something else
             try:
                 connection_info = from_publish_context(dict(request.publish_context), dict(request.secrets))
             except KeyError as missing:
@@ -96,32 +137,38 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     f"node-stage secret {missing} is missing: the backend withholds it from publish_context; "
                     "reference a Secret holding it with csi.storage.k8s.io/node-stage-secret-name"
                 ) from None
-            device_info = brick.attach(connection_info)
+            record = Attachment(
+                volume_id=request.volume_id,
+                staging_path=staging,
+                access_type=wants.type,
+                fs_type=fs_type,
+                connection_info=connection_info,
+                state=ATTACHING,
+            )
+            self.store.put(record)  # the intent, before attaching: a crash from here on leaves a record
             try:
-                # Only a block device the connector attached, unused, for the volume the connection names.
-                device = unused_block_device(brick.attached_device(connection_info, device_info))
-                if wants.type == "mount":
-                    self._format_and_mount(device, staging, fs_type, list(request.volume_capability.mount.mount_flags))
-                self.store.put(
-                    Attachment(
-                        volume_id=request.volume_id,
-                        staging_path=staging,
-                        access_type=wants.type,
-                        fs_type=fs_type,
-                        connection_info=connection_info,
-                        device_info=device_info,
-                        device_path=device,
-                    )
-                )
+                self._attach_and_mount(record, list(request.volume_capability.mount.mount_flags))
             except Exception:
                 with contextlib.suppress(Exception):
-                    attached = os.path.realpath(str(device_info.get("path")))
-                    if paths.is_mount_point(staging) and mounted_device(staging) == attached:
-                        unmount(staging)  # only the mount this call made
-                with contextlib.suppress(Exception):
-                    brick.detach(connection_info, device_info)
+                    undo_stage(record, self.store)
                 raise
         return csi_pb2.NodeStageVolumeResponse()
+
+    def _attach_and_mount(self, record: Attachment, flags: list[str]) -> None:
+        """Attach, record the device, check it and mount it (formatting a blank one); then mark the record
+        staged. A stage that stopped after mounting finds its device mounted at the staging path already."""
+        record.device_info = brick.attach(record.connection_info)
+        # Only a block device the connector attached, unused, for the volume the connection names.
+        device = os.path.realpath(brick.attached_device(record.connection_info, record.device_info))
+        record.device_path = device
+        self.store.put(record)
+        mounted_before = paths.is_mount_point(record.staging_path) and mounted_device(record.staging_path) == device
+        if not mounted_before:
+            unused_block_device(device)
+            if record.access_type == "mount":
+                self._format_and_mount(device, record.staging_path, record.fs_type, flags)
+        record.state = STAGED
+        self.store.put(record)
 
     @staticmethod
     def _format_and_mount(device: str, staging: str, fs_type: str, flags: list[str]) -> None:
@@ -187,13 +234,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"volume:{request.volume_id}"):
             existing = self.store.get(request.volume_id)
-            if existing is None:
-                return csi_pb2.NodeUnstageVolumeResponse()
-            unmount(existing.staging_path)
-            if existing.access_type == "block":
-                readonly_block.release(existing.device_path)  # before the device they hold open
-            brick.detach(existing.connection_info, existing.device_info)
-            self.store.remove(existing.volume_id)
+            if existing is not None:
+                undo_stage(existing, self.store)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # --- publish ------------------------------------------------------------------------------------
@@ -230,6 +272,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     f"{' read-only' if readonly else ''}"
                 )
             elif paths.is_mount_point(target) and self._same_mount(target, staged):
+                group = paths.group_id(request.volume_capability.mount.volume_mount_group)
+                if group is not None and wants.type == "mount":  # again: a publish may have stopped before it
+                    apply_group(target, group)
                 return csi_pb2.NodePublishVolumeResponse()
             self._publish(request, staged, Publication(target, staged.volume_id, mode, readonly), wants.type)
         return csi_pb2.NodePublishVolumeResponse()

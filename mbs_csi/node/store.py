@@ -2,8 +2,10 @@
 
 Like Vdsm's managed volume DB: one SQLite file on the node's host path (``<state_dir>/attachments.sqlite``),
 one row per staged volume with the connection info, os-brick's device info, the staging path and the
-filesystem. NodeStageVolume writes the row after attaching; NodeUnstageVolume reads it to call
-``disconnect_volume`` and then removes it; ``mbs-csi node attachments`` lists the rows.
+filesystem. NodeStageVolume writes the row *before* attaching, as an intent (state ``attaching``), and
+completes it once the volume is mounted (``staged``): a node that stops in between finds the record
+and finishes or undoes the stage, never a device attached with no record. NodeUnstageVolume reads the
+row to call ``disconnect_volume`` and then removes it; ``mbs-csi node attachments`` lists the rows.
 
 A second table holds the *publications*: each target path the driver published a volume at, with the
 access mode and read-only flag it was published with. NodePublishVolume writes it before mounting and
@@ -44,6 +46,9 @@ from mbs_csi import secrets
 
 FILENAME = "attachments.sqlite"
 ACCESS_TYPES = ("mount", "block")
+# An attachment is "attaching" from before os-brick attaches until the volume is mounted (or, for
+# block, verified): a record left in that state is a stage that stopped halfway, to finish or undo.
+ATTACHING, STAGED = "attaching", "staged"
 BUSY_TIMEOUT = 30.0  # seconds to wait for another process's write lock
 
 # _MIGRATIONS[n] takes the schema from version n to n + 1; SCHEMA_VERSION is where they lead.
@@ -75,6 +80,7 @@ _MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX publications_by_volume ON publications (volume_id)",
     ],
+    ["ALTER TABLE attachments ADD COLUMN state TEXT NOT NULL DEFAULT 'staged'"],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Schema version 1 has an ``extra`` column that nothing reads or writes any more: a new row gets its
@@ -89,6 +95,7 @@ _COLUMNS = (
     "device_info",
     "device_path",
     "created_at",
+    "state",
 )
 _JSON_COLUMNS = ("connection_info", "device_info")
 
@@ -99,7 +106,7 @@ class StoreError(Exception):
 
 @dataclass
 class Attachment:
-    """One staged volume. ``created_at`` is seconds since the epoch."""
+    """One staged volume (or one being staged: ``state`` ATTACHING). ``created_at`` is seconds since the epoch."""
 
     volume_id: str
     staging_path: str
@@ -109,6 +116,7 @@ class Attachment:
     device_info: dict[str, Any] = field(default_factory=dict)
     device_path: str = ""
     created_at: float = field(default_factory=time.time)
+    state: str = STAGED
 
     def __post_init__(self) -> None:
         self.fs_type = self.fs_type or ""
@@ -117,6 +125,8 @@ class Attachment:
             raise ValueError("an attachment needs a volume id")
         if self.access_type not in ACCESS_TYPES:
             raise ValueError(f"access_type must be one of {ACCESS_TYPES}, not {self.access_type!r}")
+        if self.state not in (ATTACHING, STAGED):
+            raise ValueError(f"state must be {ATTACHING!r} or {STAGED!r}, not {self.state!r}")
 
 
 @dataclass(frozen=True)
