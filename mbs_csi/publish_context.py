@@ -53,7 +53,9 @@ def to_publish_context(connection_info: dict[str, Any]) -> dict[str, str]:
 def from_publish_context(context: dict[str, str], stage_secrets: dict[str, str]) -> dict[str, Any]:
     """The connection info again; withheld keys come from ``stage_secrets`` (KeyError names one missing),
     each as a :class:`~mbs_csi.secrets.Secret`: whatever its name, it is never stored nor logged.
-    InvalidArgument when a value listed as JSON is not."""
+    InvalidArgument when the protocol is missing or a value listed as JSON is not."""
+    if not context.get(PROTOCOL_KEY):
+        raise errors.InvalidArgument(f"publish_context has no {PROTOCOL_KEY!r}: was it made by this driver?")
     encoded = set(filter(None, context.get(JSON_KEYS, "").split(",")))
     withheld = list(filter(None, context.get(SECRET_KEYS, "").split(",")))
     data: dict[str, Any] = {}

@@ -17,6 +17,8 @@ from typing import cast
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
@@ -238,3 +240,77 @@ def test_whatever_came_from_the_secrets_map_is_never_stored_nor_logged(node: Nod
     node.stub.NodeUnstageVolume(
         pb.NodeUnstageVolumeRequest(volume_id="secret", staging_target_path=str(node.root / "staging-secret"))
     )
+
+
+# --- every node RPC, any input: documented codes only --------------------------------------------------
+
+# The codes the CSI spec documents for the node RPCs (and INTERNAL only with a message of ours).
+DOCUMENTED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.ABORTED,
+}
+texts = st.text(st.characters(codec="utf-8"), max_size=40)
+
+
+def capabilities_() -> st.SearchStrategy[pb.VolumeCapability]:
+    access_modes = st.builds(pb.VolumeCapability.AccessMode, mode=st.integers(-2, 10))
+    groups = st.one_of(st.just(""), texts, st.integers(-5, 2**40).map(str))
+    fs_types = st.sampled_from(["", "ext4", "xfs", "vfat", "ext4\n"])
+    mount = st.builds(pb.VolumeCapability.MountVolume, fs_type=fs_types, volume_mount_group=groups)
+    return st.one_of(
+        st.builds(pb.VolumeCapability, mount=mount, access_mode=access_modes),
+        st.builds(pb.VolumeCapability, block=st.just(pb.VolumeCapability.BlockVolume()), access_mode=access_modes),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_node_request_answers_a_documented_code_without_a_traceback(node: Node, data: st.DataObject) -> None:
+    ids = st.one_of(texts, st.just("vol"))
+    # Paths inside this test's directory (and a few that exist everywhere): a bug must not reach further.
+    paths = st.one_of(texts, texts.map(lambda t: f"{node.root}/{t}"), st.sampled_from(["/", "/dev/null", "/tmp"]))
+    contexts = st.fixed_dictionaries(
+        {"driver_volume_type": st.sampled_from(["local", "nonsense", ""]), "device_path": paths},
+        optional={"mbs.json_keys": st.sampled_from(["device_path", "x"]), "mbs.secret_keys": st.just("k")},
+    )
+    requests = [
+        (
+            node.stub.NodeStageVolume,
+            st.builds(
+                pb.NodeStageVolumeRequest,
+                volume_id=ids,
+                staging_target_path=paths,
+                volume_capability=capabilities_(),
+                publish_context=contexts,
+                secrets=st.dictionaries(texts, texts, max_size=2),
+            ),
+        ),
+        (node.stub.NodeUnstageVolume, st.builds(pb.NodeUnstageVolumeRequest, volume_id=ids, staging_target_path=paths)),
+        (
+            node.stub.NodePublishVolume,
+            st.builds(
+                pb.NodePublishVolumeRequest,
+                volume_id=ids,
+                staging_target_path=paths,
+                target_path=paths,
+                volume_capability=capabilities_(),
+                readonly=st.booleans(),
+            ),
+        ),
+        (node.stub.NodeUnpublishVolume, st.builds(pb.NodeUnpublishVolumeRequest, volume_id=ids, target_path=paths)),
+        (node.stub.NodeGetVolumeStats, st.builds(pb.NodeGetVolumeStatsRequest, volume_id=ids, volume_path=paths)),
+        (node.stub.NodeExpandVolume, st.builds(pb.NodeExpandVolumeRequest, volume_id=ids, volume_path=paths)),
+    ]
+    for method, strategy in requests:
+        request = data.draw(strategy)
+        try:
+            method(request)
+        except grpc.RpcError as error:
+            assert error.code() in DOCUMENTED, (request, error.code(), error.details())
+            assert "Traceback" not in error.details() and "unexpected" not in error.details(), error.details()
+    assert "Traceback" not in node.log.getvalue()

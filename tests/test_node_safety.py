@@ -546,3 +546,25 @@ def test_a_publish_killed_before_or_after_its_mount_is_finished_by_a_retry(
     assert mounts_at(target) == 1 and info.st_gid == 4321 and info.st_mode & 0o2070 == 0o2070
     assert call(host.node.NodeUnpublishVolume, volume.unpublish_request(target)) == (OK, "")
     assert not os.path.lexists(target) and mounts_at(target) == 0
+
+
+def test_a_stage_that_failed_or_stopped_halfway_leaves_nothing_to_publish(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the property test: a stage whose protocol has no connector left its intent record (the
+    undo's detach failed too), and a publish then bound its staging path, "/", on the target."""
+    nothing = Volume("nothing", "/dev/null", "/", block_cap())
+    stage = nothing.stage_request()
+    stage.publish_context["driver_volume_type"] = "nonsense"
+    code, message = call(host.node.NodeStageVolume, stage)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "no connector" in message
+    assert host.store.get("nothing") is None
+    halfway = host.volume("halfway", mount_cap("ext4"), stage=False)
+    crash_once(monkeypatch, stage_owner("mount"), "mount", after=True)
+    with pytest.raises(Crash):
+        host.node.NodeStageVolume(halfway.stage_request(), None)
+    for volume in (nothing, halfway):
+        target = host.target(volume.id)
+        code, message = call(host.node.NodePublishVolume, volume.publish_request(target, readonly=True))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "stage it first" in message
+        assert not os.path.lexists(target)

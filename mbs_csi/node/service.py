@@ -50,7 +50,8 @@ def undo_stage(record: Attachment, store: AttachmentStore) -> None:
         unmount(record.staging_path)
     if device and record.access_type == "block":
         readonly_block.release(device)  # before the device they hold open
-    brick.detach(record.connection_info, record.device_info or None)
+    with contextlib.suppress(brick.UnknownProtocol):  # no connector for it: nothing can have been attached
+        brick.detach(record.connection_info, record.device_info or None)
     store.remove(record.volume_id)
 
 
@@ -254,7 +255,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # One volume at a time: the access mode limits how its publishes share the node.
         with self.inflight.hold(f"volume:{request.volume_id}"):
             staged = self.store.get(request.volume_id)
-            if staged is None or staged.staging_path != staging:
+            if staged is None or staged.state != STAGED or staged.staging_path != staging:
                 raise errors.FailedPrecondition(
                     f"volume {request.volume_id} is not staged at {staging}; stage it first"
                 )
@@ -370,10 +371,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         path = paths.checked(path, "volume_path")
         staged = self.store.get(volume_id)
         published = self.store.publication(path)
-        if staged is None or not (
-            path == staged.staging_path
-            or (published is not None and published.volume_id == volume_id)
-            or self._published_before_targets_were_recorded(path, staged)
+        if (
+            staged is None
+            or staged.state != STAGED
+            or not (
+                path == staged.staging_path
+                or (published is not None and published.volume_id == volume_id)
+                or self._published_before_targets_were_recorded(path, staged)
+            )
         ):
             raise errors.NotFound(f"{path} is not a path of volume {volume_id} on this node")
         return staged
