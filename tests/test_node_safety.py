@@ -568,3 +568,19 @@ def test_a_stage_that_failed_or_stopped_halfway_leaves_nothing_to_publish(
         code, message = call(host.node.NodePublishVolume, volume.publish_request(target, readonly=True))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "stage it first" in message
         assert not os.path.lexists(target)
+
+
+def test_at_start_the_node_names_what_is_no_longer_as_recorded(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    volume = host.volume("vol", mount_cap("ext4"))
+    target = host.target("pod")
+    assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
+    run("umount", target)
+    run("umount", volume.staging)  # as after a reboot
+    with caplog.at_level(logging.WARNING, logger="mbs_csi.node.service"):
+        host.restart()
+    assert f"at start: volume vol: {volume.staging} no longer has {volume.device} mounted" in caplog.text
+    assert f"at start: volume vol: target {target} is no longer mounted" in caplog.text
+    stage = volume.stage_request()
+    assert call(host.node.NodeStageVolume, stage) == (OK, "")  # kubelet stages and publishes again
+    assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
+    assert mounts_at(volume.staging) == 1 and mounts_at(target) == 1

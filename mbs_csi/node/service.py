@@ -17,7 +17,7 @@ from mbs_csi.inflight import InFlight
 from mbs_csi.node import brick, paths, readonly_block
 from mbs_csi.node.devices import block_device_size, unused_block_device
 from mbs_csi.node.formatting import NotBlankError, format_device
-from mbs_csi.node.inspection import inspect
+from mbs_csi.node.inspection import attachment_problem, inspect
 from mbs_csi.node.mount_error import MountError
 from mbs_csi.node.mountinfo import is_mounted, mounted_device
 from mbs_csi.node.mounting import mount, unmount
@@ -57,7 +57,8 @@ def undo_stage(record: Attachment, store: AttachmentStore) -> None:
 
 def reconcile(store: AttachmentStore) -> list[str]:
     """Bring the store and the kernel together at start: undo every stage that stopped halfway (a crash
-    between the intent record and its completion); name each fix, and each publish target no longer
+    between the intent record and its completion); name each fix, each staged volume whose device or
+    staging mount is gone (after a reboot: kubelet stages it again), and each publish target no longer
     mounted (kubelet publishes it again or unpublishes it)."""
     fixed = []
     for record in store.all():
@@ -72,6 +73,9 @@ def reconcile(store: AttachmentStore) -> list[str]:
                 f"(device {record.device_path or 'not attached yet'}, staging path {record.staging_path})"
             )
             continue
+        problem = attachment_problem(record)
+        if problem:
+            fixed.append(f"volume {record.volume_id}: {problem}")
         for publication in store.publications(record.volume_id):
             if not paths.is_mount_point(publication.target_path):
                 fixed.append(f"volume {record.volume_id}: target {publication.target_path} is no longer mounted")
