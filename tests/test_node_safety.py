@@ -584,3 +584,20 @@ def test_at_start_the_node_names_what_is_no_longer_as_recorded(host: Host, caplo
     assert call(host.node.NodeStageVolume, stage) == (OK, "")  # kubelet stages and publishes again
     assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
     assert mounts_at(volume.staging) == 1 and mounts_at(target) == 1
+
+
+def test_a_target_published_before_targets_were_recorded_is_still_unpublished(host: Host) -> None:
+    """An upgrade: the previous version kept no publication records; its bind mounts of a staged volume
+    are that volume's to unpublish (and its staging path still is not)."""
+    volume = host.volume("vol", mount_cap("ext4"))
+    target = host.target("pod")
+    assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
+    assert host.store.remove_publication(target)  # as the previous version left it
+    code, _ = call(host.node.NodeGetVolumeStats, volume.stats_request(target))
+    assert code == OK
+    code, _ = call(host.node.NodeUnpublishVolume, Volume("other", "", "", volume.cap).unpublish_request(target))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and mounts_at(target) == 1  # not the other volume's
+    assert call(host.node.NodeUnpublishVolume, volume.unpublish_request(target)) == (OK, "")
+    assert mounts_at(target) == 0 and not os.path.lexists(target)
+    code, _ = call(host.node.NodeUnpublishVolume, volume.unpublish_request(volume.staging))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and mounts_at(volume.staging) == 1
