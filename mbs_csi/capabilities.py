@@ -27,6 +27,36 @@ MULTI_NODE_MODES = frozenset(
 )
 
 
+# How a volume may be shared between the targets it is published at on one node, by access mode (the
+# CSI spec's AccessMode): (targets at most, read-write targets at most), None for no limit.
+_SHARING: dict[int, tuple[int | None, int | None]] = {
+    AccessMode.SINGLE_NODE_WRITER: (None, 1),  # "published once as read/write"
+    AccessMode.SINGLE_NODE_READER_ONLY: (1, None),  # "published once as readonly"
+    AccessMode.SINGLE_NODE_SINGLE_WRITER: (1, None),  # "published once as read/write": one workload only
+    AccessMode.SINGLE_NODE_MULTI_WRITER: (None, None),
+    AccessMode.MULTI_NODE_READER_ONLY: (None, None),
+    AccessMode.MULTI_NODE_SINGLE_WRITER: (None, 1),  # "only one node can be used as read/write"
+    AccessMode.MULTI_NODE_MULTI_WRITER: (None, None),
+}
+
+
+def mode_name(mode: int) -> str:
+    return AccessMode.Mode.Name(mode) if mode in AccessMode.Mode.values() else str(mode)
+
+
+def sharing_conflict(publishes: list[tuple[int, bool]]) -> str | None:
+    """Why a volume cannot be published at all of these targets of one node at once, each given as
+    (access mode, read-only), or None when every publish's access mode allows the others."""
+    writers = sum(not readonly for _, readonly in publishes)
+    for mode in sorted({mode for mode, _ in publishes}):
+        most_targets, most_writers = _SHARING.get(mode, (None, None))
+        if most_targets is not None and len(publishes) > most_targets:
+            return f"{mode_name(mode)} allows {most_targets} publish on a node"
+        if most_writers is not None and writers > most_writers:
+            return f"{mode_name(mode)} allows {most_writers} read-write publish on a node"
+    return None
+
+
 def require(value: object, what: str) -> None:
     if not value:
         raise errors.InvalidArgument(f"{what} is required")
@@ -60,6 +90,8 @@ def access(capabilities: Iterable[csi_pb2.VolumeCapability], multiattach: bool) 
                 )
             fs_types.add(fs)
         mode = cap.access_mode.mode
+        if mode not in AccessMode.Mode.values():
+            raise errors.InvalidArgument(f"access_mode.mode {mode} is not an access mode of the CSI spec")
         if mode in MULTI_NODE_MODES:
             multi = True
             if kind != "block":

@@ -1,10 +1,11 @@
 """Connection info <-> CSI ``publish_context``, with secrets kept out.
 
 Kubernetes stores ``publish_context`` in plain VolumeAttachment objects, so the controller withholds
-every secret-looking entry of the backend's connection info (keyrings, CHAP passwords, tokens, any value
-holding a configured sensitive option) and names the withheld keys; the node fills them back from its
-node-stage secrets. Values that are not strings travel JSON-encoded, and are listed too, so the node
-rebuilds exactly what the backend returned.
+every secret entry of the backend's connection info (:func:`mbs_csi.secrets.is_secret`: keyrings, CHAP
+passwords, tokens, any value holding a configured sensitive option) and names the withheld keys; the
+node fills them back from its node-stage secrets, as :class:`~mbs_csi.secrets.Secret` values. Values
+that are not strings travel JSON-encoded, and are listed too, so the node rebuilds exactly what the
+backend returned.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mbs_csi import secrets
+from mbs_csi import errors, secrets
 
 PROTOCOL_KEY = "driver_volume_type"
 JSON_KEYS = "mbs.json_keys"
@@ -20,16 +21,8 @@ SECRET_KEYS = "mbs.secret_keys"
 WITHHELD = "mbs.withheld"  # the value kept in the controller's database for a withheld entry
 
 
-def _holds_secret(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(secrets.is_secret_name(str(k)) or _holds_secret(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_secret(v) for v in value)
-    return isinstance(value, str) and secrets.scrub(value) != value
-
-
 def _withheld(key: str, value: Any) -> bool:
-    return secrets.is_secret_name(key) or value == WITHHELD or _holds_secret(value)
+    return value == WITHHELD or secrets.is_secret(key, value) or secrets.holds_secret(value)
 
 
 def withhold_secrets(connection_info: dict[str, Any]) -> dict[str, Any]:
@@ -58,14 +51,21 @@ def to_publish_context(connection_info: dict[str, Any]) -> dict[str, str]:
 
 
 def from_publish_context(context: dict[str, str], stage_secrets: dict[str, str]) -> dict[str, Any]:
-    """The connection info again; withheld keys come from ``stage_secrets`` (KeyError names one missing)."""
+    """The connection info again; withheld keys come from ``stage_secrets`` (KeyError names one missing),
+    each as a :class:`~mbs_csi.secrets.Secret`: whatever its name, it is never stored nor logged.
+    InvalidArgument when the protocol is missing or a value listed as JSON is not."""
+    if not context.get(PROTOCOL_KEY):
+        raise errors.InvalidArgument(f"publish_context has no {PROTOCOL_KEY!r}: was it made by this driver?")
     encoded = set(filter(None, context.get(JSON_KEYS, "").split(",")))
     withheld = list(filter(None, context.get(SECRET_KEYS, "").split(",")))
     data: dict[str, Any] = {}
     for key, value in context.items():
         if key in (PROTOCOL_KEY, JSON_KEYS, SECRET_KEYS):
             continue
-        data[key] = json.loads(value) if key in encoded else value
+        try:
+            data[key] = json.loads(value) if key in encoded else value
+        except ValueError:
+            raise errors.InvalidArgument(f"publish_context[{key!r}] is listed in {JSON_KEYS} but is not JSON") from None
     for key in withheld:
-        data[key] = stage_secrets[key]
+        data[key] = secrets.Secret(stage_secrets[key])
     return {PROTOCOL_KEY: context.get(PROTOCOL_KEY, ""), "data": data}

@@ -3,6 +3,11 @@
 Every sensitive value the driver learns (a backend's ``driver_sensitive_options``, the password in a
 database URL, CSI ``secrets`` maps) is wrapped in :class:`Secret` and registered here, so that the log
 formatter and the error mapping can scrub it from any text on its way out, whatever path it took.
+
+:func:`is_secret` is the one rule, for the whole driver, of whether an entry of a structure (connection
+info, device info) is secret: its value came from a secrets map (a :class:`Secret`, whatever the
+entry's name), its name says so, or its text holds a registered secret. :func:`holds_secret` applies
+it at any depth.
 """
 
 from __future__ import annotations
@@ -65,6 +70,32 @@ class Secret:
 def is_secret_name(name: str) -> bool:
     """Whether an option, connection info entry or setting called ``name`` holds a secret by its name."""
     return bool(_SECRET_NAME.search(name))
+
+
+def is_secret(key: str, value: object) -> bool:
+    """Whether the entry ``key: value`` is secret by itself (see the module doc); ``key`` "" for a list item."""
+    return isinstance(value, Secret) or is_secret_name(key) or (isinstance(value, str) and scrub(value) != value)
+
+
+def holds_secret(value: object) -> bool:
+    """Whether ``value`` is, or holds at any depth, an entry :func:`is_secret` calls secret."""
+    if isinstance(value, Mapping):
+        return any(is_secret(str(k), v) or holds_secret(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(holds_secret(v) for v in value)
+    return is_secret("", value)
+
+
+def revealed(value: Any) -> Any:
+    """``value`` with every :class:`Secret` in it, at any depth, replaced by what it holds: for the one
+    call that needs the real values (os-brick's connect)."""
+    if isinstance(value, Secret):
+        return value.reveal()
+    if isinstance(value, Mapping):
+        return {k: revealed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [revealed(v) for v in value]
+    return value
 
 
 def register(value: str) -> None:

@@ -81,6 +81,7 @@ class Volume:
         self.c.node.NodeStageVolume(self.stage_request())
 
     def publish_request(self, target: Path | None = None, readonly: bool | None = None) -> pb.NodePublishVolumeRequest:
+        (target or self.target).parent.mkdir(parents=True, exist_ok=True)  # the CO makes the target's parent
         return pb.NodePublishVolumeRequest(
             volume_id=self.id,
             publish_context=self.context,
@@ -152,7 +153,7 @@ def test_filesystem_volume_life(cluster, fs_type):
         # This sandbox drops CAP_SYS_RESOURCE, which online ext4 growth needs (a privileged node pod has
         # it): the call must fail with a message that says so, and the volume must keep working.
         error = rpc_error(vol.expand, 2)
-        assert error.code() == grpc.StatusCode.INTERNAL and "CAP_SYS_RESOURCE" in error.details()
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "CAP_SYS_RESOURCE" in error.details()
         assert (vol.target / "hello.txt").read_text() == "kept across unstage"
         vol.tear_down()
         return
@@ -397,7 +398,7 @@ def test_a_device_with_only_a_partition_table_is_refused_untouched(cluster):
         f.write(mbr)
     error = rpc_error(vol.stage)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "carries a signature (partition table or similar) but no filesystem" in error.details()
+    assert "holds no filesystem but is not blank either" in error.details()
     assert not mounted(vol.staging)
     with open(device, "rb") as f:
         assert f.read(512) == bytes(mbr) and f.read(1 << 20) == bytes(1 << 20)  # nothing else written

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mbs_csi.errors import FailedPrecondition
 from mbs_csi.node import commands, mount_options, mounting
 from mbs_csi.node.devices import block_device_size, probe
 from mbs_csi.node.formatting import NotBlankError, format_device
@@ -30,7 +31,7 @@ from mbs_csi.node.mountinfo import (
     read_mountinfo,
 )
 from mbs_csi.node.mounting import mount, unmount
-from mbs_csi.node.paths import apply_group, ensure_dir, ensure_file
+from mbs_csi.node.paths import apply_group, ensure_dir, prepare_target, remove_target
 from mbs_csi.node.resizing import resize_filesystem
 from mbs_csi.node.usage import filesystem_stats
 from testkit.host import CAP_SYS_RESOURCE, has_capability
@@ -361,9 +362,10 @@ def test_readonly_bind_keeps_the_flags_it_inherited(loop: str, workdir: Path) ->
 
 
 def test_bind_mount_of_a_block_device_onto_a_file(loop: str, workdir: Path) -> None:
+    (workdir / "pods" / "uid").mkdir(parents=True)
     target = str(workdir / "pods" / "uid" / "block")
-    ensure_file(target)
-    ensure_file(target)  # idempotent
+    assert prepare_target(target, "block")
+    assert not prepare_target(target, "block")  # idempotent: an empty file is used as it is
     mount(loop, target, bind=True)
 
     st = os.stat(target)
@@ -373,7 +375,6 @@ def test_bind_mount_of_a_block_device_onto_a_file(loop: str, workdir: Path) -> N
     entry = find_mount(target)
     assert entry is not None and entry.root == "/" + os.path.basename(loop)  # the node within /dev's fs
     assert entry.source != loop  # the filesystem holding the node: what mounted_device sees through
-    ensure_file(target)  # a device bound there is left alone
     with open(target, "r+b") as f:
         f.write(b"raw block data")
     with open(loop, "rb") as f:
@@ -386,7 +387,7 @@ def test_bind_mount_of_a_block_device_onto_a_file(loop: str, workdir: Path) -> N
 def test_readonly_bind_of_a_device_node_does_not_stop_writes(loop: str, workdir: Path) -> None:
     """A fact the node service must know: the kernel checks read-only mounts for files and dirs only."""
     target = str(workdir / "block")
-    ensure_file(target)
+    prepare_target(target, "block")
     mount(loop, target, bind=True, readonly=True)
     entry = find_mount(target)
     assert entry is not None and readonly(entry)
@@ -414,7 +415,7 @@ def test_online_resize_after_the_device_grew(
     reread_capacity(device)
     assert block_device_size(device) == 2 * GiB
     if fs_type == "ext4" and not has_capability(CAP_SYS_RESOURCE):
-        with pytest.raises(MountError, match=r"Permission denied .*needs the CAP_SYS_RESOURCE capability"):
+        with pytest.raises(FailedPrecondition, match=r"Permission denied .*needs the CAP_SYS_RESOURCE capability"):
             resize_filesystem(device, target, fs_type)
         unmount(target)
         pytest.skip("online ext4 resize needs CAP_SYS_RESOURCE, which this process lacks")
@@ -463,22 +464,38 @@ def test_filesystem_stats_of_a_missing_path() -> None:
 # --- paths and ownership -----------------------------------------------------------------------------
 
 
-def test_ensure_dir_and_ensure_file(workdir: Path) -> None:
+def test_ensure_dir_prepare_target_and_remove_target(workdir: Path) -> None:
     directory = str(workdir / "a" / "b")
     ensure_dir(directory)
     ensure_dir(directory)
     assert os.path.isdir(directory)
-    file = str(workdir / "c" / "d")
-    ensure_file(file)
+    file = str(workdir / "a" / "d")
+    assert prepare_target(file, "block") and not prepare_target(file, "block")
     assert os.path.isfile(file) and os.path.getsize(file) == 0
-    Path(file).write_text("kept")
-    ensure_file(file)
-    assert Path(file).read_text() == "kept"
-
     with pytest.raises(MountError, match="non-directory is in the way"):
         ensure_dir(file)
-    with pytest.raises(MountError, match="other than a file"):
-        ensure_file(directory)
+    with pytest.raises(FailedPrecondition, match="not a regular file"):
+        prepare_target(directory, "block")
+    with pytest.raises(FailedPrecondition, match="not a directory"):
+        prepare_target(file, "mount")
+    with pytest.raises(FailedPrecondition, match="does not exist: the CO creates it"):
+        prepare_target(str(workdir / "missing" / "target"), "mount")
+    Path(file).write_text("kept")
+    with pytest.raises(FailedPrecondition, match="not empty"):
+        prepare_target(file, "block")
+    with pytest.raises(FailedPrecondition, match="not empty"):
+        remove_target(file)
+    link = workdir / "a" / "link"
+    link.symlink_to(workdir / "elsewhere")
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        prepare_target(str(link), "mount")
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        remove_target(str(link))
+    assert Path(file).read_text() == "kept" and link.is_symlink() and not (workdir / "elsewhere").exists()
+    Path(file).unlink()
+    remove_target(directory)
+    remove_target(directory)  # gone already: fine
+    assert not os.path.lexists(directory)
 
 
 def test_apply_group_on_a_mounted_volume(loop: str, workdir: Path) -> None:

@@ -1,5 +1,7 @@
 """``mbs-csi node attachments``: the volumes staged on this node, checked against reality, as Vdsm's
-``volumes_info`` lists managed volumes with an ``exists`` flag."""
+``volumes_info`` lists managed volumes with an ``exists`` flag; with each its state (``attaching``: a
+stage that stopped halfway, which a retry or the next start of the node plugin finishes or undoes) and
+the targets it is published at."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mbs_csi.node.inspection import attachment_problem
-from mbs_csi.node.store import FILENAME, AttachmentStore
+from mbs_csi.node.store import ATTACHING, FILENAME, AttachmentStore
 
 
 def list_attachments(state_dir: Path) -> list[dict[str, Any]]:
@@ -16,8 +18,9 @@ def list_attachments(state_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for attachment in AttachmentStore(path).all():
-        problem = attachment_problem(attachment)
+    store = AttachmentStore(path)
+    for attachment in store.all():
+        problem = "a stage that stopped halfway" if attachment.state == ATTACHING else attachment_problem(attachment)
         rows.append(
             {
                 "volume_id": attachment.volume_id,
@@ -25,10 +28,13 @@ def list_attachments(state_dir: Path) -> list[dict[str, Any]]:
                 "staging_path": attachment.staging_path,
                 "access_type": attachment.access_type,
                 "fs_type": attachment.fs_type,
+                "state": attachment.state,
+                "targets": [p.target_path for p in store.publications(attachment.volume_id)],
                 "exists": problem is None,
                 "problem": problem,
             }
         )
+    store.close()
     return rows
 
 
@@ -41,5 +47,8 @@ def render(rows: list[dict[str, Any]], as_json: bool) -> str:
     for row in rows:
         kind = f"{row['access_type']} {row['fs_type']}".strip()
         exists = "yes" if row["exists"] else f"no ({row['problem']})"
-        lines.append(f"{row['volume_id']}  {row['device_path']}  {row['staging_path']}  {kind}  exists: {exists}")
+        targets = f"  published at: {', '.join(row['targets'])}" if row["targets"] else ""
+        lines.append(
+            f"{row['volume_id']}  {row['device_path']}  {row['staging_path']}  {kind}  exists: {exists}{targets}"
+        )
     return "\n".join(lines)

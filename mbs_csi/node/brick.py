@@ -241,7 +241,7 @@ def attach(connection_info: Mapping[str, Any]) -> dict[str, Any]:
     protocol, data = _split(connection_info, operation)
     conn = _connector(protocol, operation)
     try:
-        device_info = conn.connect_volume(data)
+        device_info = conn.connect_volume(secrets.revealed(data))
     except Exception as exc:
         raise _failure(operation, protocol, data, exc) from exc
     path = device_info.get("path") if isinstance(device_info, Mapping) else None
@@ -255,6 +255,18 @@ def attach(connection_info: Mapping[str, Any]) -> dict[str, Any]:
     return _json_copy(device_info)
 
 
+def attached_device(connection_info: Mapping[str, Any], device_info: Mapping[str, Any]) -> str:
+    """The device path :func:`attach` returned, after checking that it is the device the connection
+    describes where the connection names one (``local``: its ``device_path``; other protocols' connectors
+    find the device from the target themselves). FailedPrecondition when they differ."""
+    path = str(device_info.get("path") or "")
+    data = connection_info.get("data") or {}
+    named = secrets.revealed(data.get("device_path")) if connection_info.get(PROTOCOL_KEY) == "local" else None
+    if named is not None and os.path.realpath(str(named)) != os.path.realpath(path):
+        raise errors.FailedPrecondition(f"os-brick attached {path}, not the device {named} the connection names")
+    return path
+
+
 def detach(connection_info: Mapping[str, Any], device_info: Mapping[str, Any] | None) -> None:
     """Disconnect the volume from this host (os-brick's ``disconnect_volume``) using the attach's ``device_info``.
 
@@ -266,7 +278,7 @@ def detach(connection_info: Mapping[str, Any], device_info: Mapping[str, Any] | 
     conn = _connector(protocol, operation)
     info = copy.deepcopy(dict(device_info)) if device_info is not None else None
     try:
-        conn.disconnect_volume(data, info)
+        conn.disconnect_volume(secrets.revealed(data), info)
     except Exception as exc:
         raise _failure(operation, protocol, data, exc) from exc
 
@@ -282,7 +294,7 @@ def extend(connection_info: Mapping[str, Any]) -> int | None:
     protocol, data = _split(connection_info, operation)
     conn = _connector(protocol, operation)
     try:
-        size = conn.extend_volume(data)
+        size = conn.extend_volume(secrets.revealed(data))
     except NotImplementedError:
         return None
     except Exception as exc:
@@ -297,9 +309,11 @@ def _json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _secret_values(value: Any, secret: bool = False) -> list[str]:
-    """Every string under a secret-looking key, at any depth."""
+    """Every string of a secret entry (:func:`mbs_csi.secrets.is_secret`), at any depth, revealed."""
+    if isinstance(value, secrets.Secret):
+        value, secret = value.reveal(), True
     if isinstance(value, Mapping):
-        return [s for k, v in value.items() for s in _secret_values(v, secret or secrets.is_secret_name(str(k)))]
+        return [s for k, v in value.items() for s in _secret_values(v, secret or secrets.is_secret(str(k), v))]
     if isinstance(value, list | tuple):
         return [s for v in value for s in _secret_values(v, secret)]
     return [value] if secret and isinstance(value, str) and value else []

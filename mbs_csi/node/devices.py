@@ -1,12 +1,16 @@
-"""What a block device holds and how big it is: blkid's low-level probe and blockdev's size.
+"""What a block device holds and how big it is: blkid's low-level probe and blockdev's size; whether a
+path is a block device nobody else uses (:func:`unused_block_device`); whether it reads as zeros.
 
 Standard library only: the node role must start fast and stay small.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
+from mbs_csi import errors
 from mbs_csi.node.commands import QUICK_TIMEOUT, run, trim_output
 from mbs_csi.node.mount_error import MountError
 
@@ -31,6 +35,41 @@ def _check_readable(device: str) -> None:
         raise MountError(f"cannot read device {device}: {exc.strerror}") from exc
     finally:
         os.close(fd)
+
+
+def unused_block_device(path: str) -> str:
+    """The device node ``path`` leads to (links resolved), after checking that it is a block device that
+    nothing holds: not mounted, not an LVM/device-mapper member, not open exclusively (the kernel's
+    ``O_EXCL`` on a block device). NotFound when nothing is there, FailedPrecondition otherwise.
+    """
+    device = os.path.realpath(path)
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        raise errors.NotFound(f"device {path} does not exist on this node") from None
+    except OSError as exc:
+        raise MountError(f"cannot inspect device {path}: {exc.strerror}") from exc
+    if not stat.S_ISBLK(st.st_mode):
+        raise errors.FailedPrecondition(f"{path} is not a block device; refusing to use it")
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise errors.FailedPrecondition(
+                f"device {path} is in use (mounted, or held by another device or program); refusing to use it"
+            ) from None
+        raise MountError(f"cannot open device {path}: {exc.strerror}") from exc
+    return device
+
+
+def reads_as_zeros(device: str, length: int) -> bool:
+    """Whether the first ``length`` bytes of ``device`` (or all of a shorter one) are zeros."""
+    try:
+        with open(device, "rb", buffering=0) as f:
+            data = f.read(length)
+    except OSError as exc:
+        raise MountError(f"cannot read device {device}: {exc.strerror}") from exc
+    return not data.strip(b"\0")
 
 
 def probe(device: str, *, timeout: float = QUICK_TIMEOUT) -> dict[str, str]:

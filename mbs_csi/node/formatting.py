@@ -2,7 +2,8 @@
 
 :func:`format_device` refuses a device that carries *any* signature blkid knows (filesystem, partition
 table, swap, LUKS, LVM, RAID member...), because ``mkfs.ext4`` itself overwrites an existing filesystem
-without asking when stdin is not a terminal. Data is never reformatted. The mkfs commands are those of
+without asking when stdin is not a terminal, and one whose first MiB holds anything but zeros (data
+without a signature: a new volume reads as zeros). Data is never reformatted. The mkfs commands are those of
 :mod:`mbs_csi.filesystems`.
 
 Standard library only: the node role must start fast and stay small.
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 from mbs_csi import filesystems
 from mbs_csi.node.commands import run
-from mbs_csi.node.devices import probe
+from mbs_csi.node.devices import probe, reads_as_zeros
 from mbs_csi.node.mount_error import MountError
 
 # Seconds: mkfs of a large volume on remote storage can take minutes.
 MKFS_TIMEOUT = 1800.0
+# Bytes at the start of a device that must read as zeros for it to count as blank.
+BLANK_PREFIX = 1024**2
 
 
 class NotBlankError(MountError):
@@ -37,6 +40,6 @@ def format_device(device: str, fs_type: str, *, timeout: float = MKFS_TIMEOUT) -
     """
     filesystem = filesystems.lookup(fs_type)
     values = probe(device)  # raises on an ambivalent result: several signatures
-    if any(values.get(key) for key in ("TYPE", "PTTYPE", "USAGE")):
+    if any(values.get(key) for key in ("TYPE", "PTTYPE", "USAGE")) or not reads_as_zeros(device, BLANK_PREFIX):
         raise NotBlankError(device, fs_type, values.get("TYPE") or None, values.get("PTTYPE") or None)
     run(filesystem.mkfs_argv(device), f"formatting {device} as {fs_type}", timeout)

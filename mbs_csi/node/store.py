@@ -2,15 +2,23 @@
 
 Like Vdsm's managed volume DB: one SQLite file on the node's host path (``<state_dir>/attachments.sqlite``),
 one row per staged volume with the connection info, os-brick's device info, the staging path and the
-filesystem. NodeStageVolume writes the row after attaching; NodeUnstageVolume reads it to call
-``disconnect_volume`` and then removes it; ``mbs-csi node attachments`` lists the rows.
+filesystem. NodeStageVolume writes the row *before* attaching, as an intent (state ``attaching``), and
+completes it once the volume is mounted (``staged``): a node that stops in between finds the record
+and finishes or undoes the stage, never a device attached with no record. NodeUnstageVolume reads the
+row to call ``disconnect_volume`` and then removes it; ``mbs-csi node attachments`` lists the rows.
+
+A second table holds the *publications*: each target path the driver published a volume at, with the
+access mode and read-only flag it was published with. NodePublishVolume writes it before mounting and
+NodeUnpublishVolume removes it after unmounting: the node unmounts or removes only paths recorded
+here, never whatever path a request names.
 
 **No secrets on disk.** Connection info may hold a CHAP password or a Ceph keyring (merged in from the
-node-stage secrets). Every entry whose key looks secret (:func:`mbs_csi.secrets.is_secret_name`,
-at any depth) or whose string value holds a registered secret is dropped before a row is written, in
-``connection_info`` and ``device_info`` alike; what :meth:`AttachmentStore.get` returns is that
-secret-free copy. ``disconnect_volume`` does not need the secrets (an iSCSI logout or a krbd unmap needs
-no password), which is as well: CSI's NodeUnstageVolume carries no secrets to fill them back from.
+node-stage secrets). Every entry the driver's one rule calls secret (:func:`mbs_csi.secrets.is_secret`:
+anything from the secrets map, a secret-looking key, a value holding a registered secret; at any
+depth) is dropped before a row is written, in ``connection_info`` and ``device_info`` alike; what
+:meth:`AttachmentStore.get` returns is that secret-free copy. ``disconnect_volume`` does not need the
+secrets (an iSCSI logout or a krbd unmap needs no password), which is as well: CSI's NodeUnstageVolume
+carries no secrets to fill them back from.
 
 Standard library only (``sqlite3``): the node role must start fast. One connection per store guarded by
 a lock serves the gRPC server's threads; WAL journaling lets another process (the CLI) read while the
@@ -38,6 +46,9 @@ from mbs_csi import secrets
 
 FILENAME = "attachments.sqlite"
 ACCESS_TYPES = ("mount", "block")
+# An attachment is "attaching" from before os-brick attaches until the volume is mounted (or, for
+# block, verified): a record left in that state is a stage that stopped halfway, to finish or undo.
+ATTACHING, STAGED = "attaching", "staged"
 BUSY_TIMEOUT = 30.0  # seconds to wait for another process's write lock
 
 # _MIGRATIONS[n] takes the schema from version n to n + 1; SCHEMA_VERSION is where they lead.
@@ -57,6 +68,19 @@ _MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    [
+        """
+        CREATE TABLE publications (
+            target_path  TEXT PRIMARY KEY,
+            volume_id    TEXT NOT NULL,
+            access_mode  INTEGER NOT NULL,
+            readonly     INTEGER NOT NULL CHECK (readonly IN (0, 1)),
+            created_at   REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX publications_by_volume ON publications (volume_id)",
+    ],
+    ["ALTER TABLE attachments ADD COLUMN state TEXT NOT NULL DEFAULT 'staged'"],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Schema version 1 has an ``extra`` column that nothing reads or writes any more: a new row gets its
@@ -71,6 +95,7 @@ _COLUMNS = (
     "device_info",
     "device_path",
     "created_at",
+    "state",
 )
 _JSON_COLUMNS = ("connection_info", "device_info")
 
@@ -81,7 +106,7 @@ class StoreError(Exception):
 
 @dataclass
 class Attachment:
-    """One staged volume. ``created_at`` is seconds since the epoch."""
+    """One staged volume (or one being staged: ``state`` ATTACHING). ``created_at`` is seconds since the epoch."""
 
     volume_id: str
     staging_path: str
@@ -91,6 +116,7 @@ class Attachment:
     device_info: dict[str, Any] = field(default_factory=dict)
     device_path: str = ""
     created_at: float = field(default_factory=time.time)
+    state: str = STAGED
 
     def __post_init__(self) -> None:
         self.fs_type = self.fs_type or ""
@@ -99,18 +125,31 @@ class Attachment:
             raise ValueError("an attachment needs a volume id")
         if self.access_type not in ACCESS_TYPES:
             raise ValueError(f"access_type must be one of {ACCESS_TYPES}, not {self.access_type!r}")
+        if self.state not in (ATTACHING, STAGED):
+            raise ValueError(f"state must be {ATTACHING!r} or {STAGED!r}, not {self.state!r}")
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One target path a volume is published at: its CSI access mode (an ``AccessMode.Mode`` number) and
+    whether the publish was read-only."""
+
+    target_path: str
+    volume_id: str
+    access_mode: int
+    readonly: bool
+    created_at: float = field(default_factory=time.time)
+
+
+_PUBLICATION_COLUMNS = ("target_path", "volume_id", "access_mode", "readonly", "created_at")
 
 
 def without_secrets(value: Any) -> Any:
-    """``value`` minus every mapping entry whose key looks secret or whose value holds a registered secret."""
+    """``value`` minus every entry, at any depth, that :func:`mbs_csi.secrets.is_secret` calls secret."""
     if isinstance(value, Mapping):
-        return {
-            key: without_secrets(item)
-            for key, item in value.items()
-            if not secrets.is_secret_name(str(key)) and not (isinstance(item, str) and secrets.scrub(item) != item)
-        }
+        return {key: without_secrets(item) for key, item in value.items() if not secrets.is_secret(str(key), item)}
     if isinstance(value, list | tuple):
-        return [without_secrets(item) for item in value if not (isinstance(item, str) and secrets.scrub(item) != item)]
+        return [without_secrets(item) for item in value if not secrets.is_secret("", item)]
     return value
 
 
@@ -199,6 +238,41 @@ class AttachmentStore:
             ).fetchall()
         return [_from_row(row) for row in rows]
 
+    def add_publication(self, publication: Publication) -> None:
+        """Record a target path (before mounting on it); replaces a record of the same path."""
+        values = tuple(getattr(publication, name) for name in _PUBLICATION_COLUMNS)
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO publications ({', '.join(_PUBLICATION_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_PUBLICATION_COLUMNS))})",
+                values,
+            )
+
+    def publication(self, target_path: str) -> Publication | None:
+        """The record of ``target_path``, or None when the driver did not publish anything there."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_PUBLICATION_COLUMNS)} FROM publications WHERE target_path = ?", (target_path,)
+            ).fetchone()
+        return _publication(row) if row is not None else None
+
+    def publications(self, volume_id: str) -> list[Publication]:
+        """Every target path ``volume_id`` is published at, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_PUBLICATION_COLUMNS)} FROM publications WHERE volume_id = ? "
+                "ORDER BY created_at, target_path",
+                (volume_id,),
+            ).fetchall()
+        return [_publication(row) for row in rows]
+
+    def remove_publication(self, target_path: str) -> bool:
+        """Forget a target path (after unmounting it); False if it was not recorded. Not flushed, as
+        :meth:`remove`: a record back after a power loss names a target that is not mounted, which
+        NodeUnpublishVolume undoes at once."""
+        with self._transaction(flush=False) as db:
+            return db.execute("DELETE FROM publications WHERE target_path = ?", (target_path,)).rowcount > 0
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -215,3 +289,8 @@ def _from_row(row: tuple[Any, ...]) -> Attachment:
     for name in _JSON_COLUMNS:
         values[name] = json.loads(values[name])
     return Attachment(**values)
+
+
+def _publication(row: tuple[Any, ...]) -> Publication:
+    values = dict(zip(_PUBLICATION_COLUMNS, row, strict=True))
+    return Publication(**{**values, "readonly": bool(values["readonly"])})
