@@ -7,6 +7,7 @@ with UNAVAILABLE (and the reason) while no worker could be started at all.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -85,6 +86,7 @@ class WorkerPool:
         self._backend_errors: dict[str, str | None] = {}
         self._closed = False
         self._waiting_for_first = 0  # workers to start once the first one is ready
+        self.calls: collections.Counter[str] = collections.Counter()  # round trips made, by operation
 
     # --- life cycle ---------------------------------------------------------------------------------
 
@@ -204,6 +206,8 @@ class WorkerPool:
         deadline = time.monotonic() + timeout
         for attempt in (1, 2):
             worker = self._acquire(deadline)
+            with self._lock:
+                self.calls[operation] += 1
             try:
                 worker.conn.send((request_id, operation, kwargs))
                 kind, payload = worker.receive(max(0.0, deadline - time.monotonic()))
