@@ -1,6 +1,7 @@
 """Controller benchmark: CreateVolume+DeleteVolume and CreateSnapshot+DeleteSnapshot cycles through
 mbs-csi's gRPC API against the same operations as raw in-process cinderlib calls, on the same backend, in
-the same run, at several concurrencies. Prints a table and JSON.
+the same run, at several concurrencies; and the backend round trips and median time of every controller
+RPC that reaches the backend, made on a front in this process. Prints tables and JSON.
 
     .venv/bin/python -m bench.controller [--backends loopback,ceph] [--quick] [--json out.json]
 
@@ -30,8 +31,13 @@ from pathlib import Path
 
 from csi import csi_pb2 as pb
 from mbs_csi import config
+from mbs_csi.controller.client import BackendClient
+from mbs_csi.controller.connector_store import DatabaseConnectorStore
+from mbs_csi.controller.pool import WorkerPool
+from mbs_csi.controller.service import ControllerService
+from mbs_csi.controller.worker_config import worker_config
 from testkit.controller import ControllerUnderTest
-from testkit.csi_requests import create_request
+from testkit.csi_requests import GIB, create_request, mount_cap
 from testkit.host import REPO
 from testkit.processes import ProcessTree
 from testkit.wait import wait_until
@@ -81,6 +87,97 @@ def csi_cycles(stub, kind: str, count: int, concurrency: int) -> dict:
     if source is not None:
         stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=source.volume_id))
     return {"timings": timings, "wall": wall, "cycles": count}
+
+
+def rpc_round_trips(ctl: ControllerUnderTest, repeats: int) -> dict:
+    """Each controller RPC that reaches the backend, made ``repeats`` times on a front in this process
+    (the controller's service and a pool of one worker, on ``ctl``'s database and backend): the backend
+    round trips it costs (the pool's counter) and its median time, one call at a time."""
+    node = "bench-node"
+    ctl.register_nodes(node)
+    pool = WorkerPool(worker_config(ctl.settings), size=1, call_timeout=120)
+    pool.start()
+    backend = BackendClient(pool)
+    service = ControllerService(ctl.settings, backend, DatabaseConnectorStore(backend))
+    measured: dict[str, dict[str, list[float]]] = {}
+
+    def rpc(label: str, method: Callable, request):
+        before = sum(pool.calls.values())
+        start = time.monotonic()
+        answer = method(request, None)
+        seconds = time.monotonic() - start
+        figures = measured.setdefault(label, {"round_trips": [], "seconds": []})
+        figures["round_trips"].append(sum(pool.calls.values()) - before)
+        figures["seconds"].append(seconds)
+        return answer
+
+    try:
+        wait_until(lambda: not pool.problems(), 180, "the in-process front's backend worker")
+        warm = service.CreateVolume(create_request(f"bench-warm-{uuid.uuid4().hex[:8]}"), None)  # stats cached
+        service.DeleteVolume(pb.DeleteVolumeRequest(volume_id=warm.volume.volume_id), None)
+        for _ in range(repeats):
+            volume = rpc("CreateVolume", service.CreateVolume, create_request(f"bench-{uuid.uuid4().hex[:12]}"))
+            volume_id = volume.volume.volume_id
+            snapshot_id = rpc(
+                "CreateSnapshot",
+                service.CreateSnapshot,
+                pb.CreateSnapshotRequest(name=f"bench-{uuid.uuid4().hex[:12]}", source_volume_id=volume_id),
+            ).snapshot.snapshot_id
+            restored = rpc(
+                "CreateVolume from a snapshot",
+                service.CreateVolume,
+                create_request(f"bench-{uuid.uuid4().hex[:12]}", snapshot=snapshot_id),
+            ).volume.volume_id
+            clone = rpc(
+                "CreateVolume from a volume",
+                service.CreateVolume,
+                create_request(f"bench-{uuid.uuid4().hex[:12]}", volume=volume_id),
+            ).volume.volume_id
+            publish = pb.ControllerPublishVolumeRequest(
+                volume_id=volume_id, node_id=node, volume_capability=mount_cap()
+            )
+            rpc("ControllerPublishVolume", service.ControllerPublishVolume, publish)
+            rpc("ControllerPublishVolume again", service.ControllerPublishVolume, publish)
+            rpc(
+                "ControllerUnpublishVolume",
+                service.ControllerUnpublishVolume,
+                pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=node),
+            )
+            rpc(
+                "ControllerExpandVolume",
+                service.ControllerExpandVolume,
+                pb.ControllerExpandVolumeRequest(
+                    volume_id=volume_id, capacity_range=pb.CapacityRange(required_bytes=2 * GIB)
+                ),
+            )
+            rpc("ControllerGetVolume", service.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=volume_id))
+            rpc(
+                "ValidateVolumeCapabilities",
+                service.ValidateVolumeCapabilities,
+                pb.ValidateVolumeCapabilitiesRequest(volume_id=volume_id, volume_capabilities=[mount_cap()]),
+            )
+            rpc("GetSnapshot", service.GetSnapshot, pb.GetSnapshotRequest(snapshot_id=snapshot_id))
+            for made in (restored, clone):
+                rpc("DeleteVolume", service.DeleteVolume, pb.DeleteVolumeRequest(volume_id=made))
+            rpc("DeleteSnapshot", service.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+            rpc("DeleteVolume", service.DeleteVolume, pb.DeleteVolumeRequest(volume_id=volume_id))
+    finally:
+        pool.close()
+    return {
+        label: {
+            "round_trips": max(figures["round_trips"]),
+            "median_ms": 1000 * statistics.median(figures["seconds"]),
+        }
+        for label, figures in measured.items()
+    }
+
+
+def round_trips_table(name: str, figures: dict) -> str:
+    lines = [f"\n{name}: backend round trips per RPC (in-process front, one call at a time)"]
+    lines += [
+        f"{label:<32}{row['round_trips']:>3} trip(s){row['median_ms']:>10.1f} ms" for label, row in figures.items()
+    ]
+    return "\n".join(lines)
 
 
 class RawCinderlibCrashed(RuntimeError):
@@ -171,7 +268,7 @@ def merged(runs: list[dict]) -> dict:
 
 def bench_backend(
     backend: dict, concurrency: list[int], counts: dict[int, int], workers: int, rounds: int, postgres=None
-) -> tuple[dict, int]:
+) -> tuple[dict, dict, int]:
     """Both sides on SQLite files, or on two fresh databases of ``postgres`` (a PostgresCluster).
 
     Each measurement alternates the two sides ``rounds`` times, mbs-csi first, so that drift in the
@@ -184,6 +281,7 @@ def bench_backend(
         wait_until(lambda: len(ctl.ready_worker_pids()) >= workers, 180, f"{workers} ready backend workers", 0.5)
         for kind in ("volume", "snapshot"):  # warm-up: every worker serves a few calls first
             csi_cycles(ctl.stub, kind, 3 * max(concurrency), max(concurrency))
+        trips = rpc_round_trips(ctl, 10 * rounds)
         raw = RawCinderlib(backend, ctl.workdir, max(concurrency), new_db())
         results = {}
         for kind in ("volume", "snapshot"):
@@ -198,7 +296,7 @@ def bench_backend(
             crashes = raw.crashes
             raw.close()
         ctl.close()
-    return results, crashes
+    return results, trips, crashes
 
 
 def ratios(results: dict, concurrency: list[int]) -> dict:
@@ -309,10 +407,18 @@ def main() -> int:
                 }
             else:
                 parser.error(f"unknown backend {name}")
-            results, crashes = bench_backend(backend, concurrency, counts, args.backend_workers, rounds, postgres)
+            results, trips, crashes = bench_backend(
+                backend, concurrency, counts, args.backend_workers, rounds, postgres
+            )
             derived = ratios(results, concurrency)
-            report["backends"][name] = {"results": results, "derived": derived, "raw_cinderlib_crashes": crashes}
+            report["backends"][name] = {
+                "results": results,
+                "derived": derived,
+                "round_trips": trips,
+                "raw_cinderlib_crashes": crashes,
+            }
             print(table(name, results, derived), flush=True)
+            print(round_trips_table(name, trips), flush=True)
             if crashes:
                 print(f"raw cinderlib crashed {crashes} time(s) in librbd and was restarted", flush=True)
     finally:

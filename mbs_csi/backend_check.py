@@ -9,6 +9,7 @@ from typing import Any
 
 from mbs_csi import errors, secrets
 from mbs_csi.config import Backend, Settings
+from mbs_csi.controller.client import BackendClient
 from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.worker_config import worker_config
 
@@ -42,11 +43,12 @@ def check(settings: Settings, names: list[str]) -> list[Report]:
         call_timeout=settings.backend_timeout,
     )
     pool.start()
+    client = BackendClient(pool)
     reports = []
     try:
         for backend in chosen:
             try:
-                reports.append(Report(backend, stats=pool.call("stats", backend=backend.name)))
+                reports.append(Report(backend, stats=client.stats(backend.name)))
             except errors.CSIError as exc:
                 reports.append(Report(backend, error=secrets.scrub(str(exc))))
     finally:

@@ -100,6 +100,7 @@ class Server:
 
     def _add_controller(self) -> None:
         # Imported only for the controller role: a node never loads the controller's front.
+        from mbs_csi.controller.client import BackendClient
         from mbs_csi.controller.connector_store import DatabaseConnectorStore, connector_store
         from mbs_csi.controller.pool import WorkerPool
         from mbs_csi.controller.service import ControllerService
@@ -109,10 +110,11 @@ class Server:
         pool = WorkerPool(worker_config(settings), settings.backend_workers, settings.backend_timeout)
         self.pool = pool
         self.readiness.add(lambda: "; ".join(pool.problems(settings.default_backend)))
-        store = connector_store(settings, pool)
+        backend = BackendClient(pool)
+        store = connector_store(settings, backend)
         if isinstance(store, DatabaseConnectorStore):
             self._publish_connector = store.publish  # role all: this process's node side publishes here
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, pool, store), self._grpc)
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, backend, store), self._grpc)
 
     def _add_node(self) -> None:
         from mbs_csi.node.service import NodeService

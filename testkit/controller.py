@@ -12,6 +12,7 @@ import yaml
 
 from csi import csi_pb2_grpc
 from mbs_csi import config
+from mbs_csi.controller.client import BackendClient
 from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.worker_config import worker_config
 from testkit import loop
@@ -91,7 +92,7 @@ class ControllerUnderTest:
         pool.start()
         try:
             for node_id in node_ids:
-                pool.call("set_connector", node_id=node_id, properties=connector_for(node_id))
+                BackendClient(pool).set_connector(node_id, connector_for(node_id))
         finally:
             pool.close()
 

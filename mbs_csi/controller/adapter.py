@@ -1,7 +1,8 @@
 """The backend operations a worker runs for the front, on cinderlib.
 
-Each public ``op_*`` method is one operation the front can ask for (``Adapter.run``). They return plain
-records (``records.py``) and raise the driver's own errors; cinder's exceptions are translated by
+:class:`Adapter` implements :class:`~mbs_csi.controller.operations.BackendOperations`, each operation
+one method (``Adapter.run`` dispatches the front's requests to them). They return plain records
+(``records.py``) and raise the driver's own errors; cinder's exceptions are translated by
 ``failures.py``.
 
 Crash safety: a new volume or snapshot is recorded in the database (status ``creating``) *before* the
@@ -27,7 +28,16 @@ from mbs_csi import errors
 from mbs_csi.controller import database, failures
 from mbs_csi.controller.backends import Backends, setup_cinderlib
 from mbs_csi.controller.cinder_records import snapshot_record, volume_record
-from mbs_csi.controller.records import SnapshotRecord, VolumeRecord, WorkerConfig
+from mbs_csi.controller.operations import OPERATIONS, BackendOperations
+from mbs_csi.controller.records import (
+    DATABASE_STORE,
+    GIB,
+    NodeConnector,
+    SnapshotRecord,
+    VolumeCheck,
+    VolumeRecord,
+    WorkerConfig,
+)
 from mbs_csi.controller.rows import Rows
 from mbs_csi.controller.stats import summarize_stats
 
@@ -37,7 +47,7 @@ CONNECTOR_KEY = "connector:{node}"
 USABLE = ("available", "in-use")
 
 
-class Adapter:
+class Adapter(BackendOperations):
     """The backend operations of one worker process (cinderlib is set up once per process)."""
 
     def __init__(self, config: WorkerConfig) -> None:
@@ -51,12 +61,13 @@ class Adapter:
         """Backend name -> why it failed to initialise, or None: the worker reports it when ready."""
         return self.backends.errors
 
-    def run(self, operation: str, kwargs: dict[str, Any]) -> Any:
-        method: Callable[..., Any] | None = getattr(self, f"op_{operation}", None)
-        if method is None:
+    def run(self, operation: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the operation the front asked for: one of :data:`~mbs_csi.controller.operations.OPERATIONS`."""
+        if operation not in OPERATIONS:
             raise errors.Internal(f"unknown backend operation {operation!r}")
+        method: Callable[..., Any] = getattr(self, operation)
         # After a failure, drop the idle connections: whatever failed may have broken them.
-        return failures.retrying(operation, partial(method, **kwargs), after_failure=self.drop_idle_connections)
+        return failures.retrying(operation, partial(method, *args, **kwargs), after_failure=self.drop_idle_connections)
 
     def drop_idle_connections(self) -> None:
         """Shut down the storage connections kept open between calls (see :mod:`rados_reuse`)."""
@@ -65,62 +76,56 @@ class Adapter:
     # --- lookups ------------------------------------------------------------------------------------
 
     def _require_volume(self, volume_id: str) -> objects.Volume:
+        """The volume, if it exists and is usable (a volume being made or deleted is not there yet, or any more)."""
         volume = self.rows.volume(volume_id)
-        if volume is None:
+        if volume is None or volume.status not in USABLE:
             raise errors.NotFound(f"volume {volume_id} does not exist")
         return volume
 
-    def op_get_volume(self, volume_id: str) -> VolumeRecord | None:
+    def get_volume(self, volume_id: str) -> VolumeRecord | None:
         volume = self.rows.volume(volume_id)
         return volume_record(volume) if volume else None
 
-    def op_find_volume(self, name: str) -> VolumeRecord | None:
-        found = self.persistence.get_volumes(volume_name=name)
-        return volume_record(found[0]) if found else None
-
-    def op_list_volumes(self) -> list[VolumeRecord]:
+    def list_volumes(self) -> list[VolumeRecord]:
         return [volume_record(v) for v in self.persistence.get_volumes()]
 
-    def op_get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
         snapshot = self.rows.snapshot(snapshot_id)
         return snapshot_record(snapshot) if snapshot else None
 
-    def op_list_snapshots(self) -> list[SnapshotRecord]:
+    def list_snapshots(self) -> list[SnapshotRecord]:
         return [snapshot_record(s) for s in self.persistence.get_snapshots()]
 
-    def op_stats(self, backend: str) -> dict[str, Any]:
+    def stats(self, backend: str) -> dict[str, Any]:
         return summarize_stats(self.backends.get(backend).stats(refresh=True))
 
-    def op_volume_present(self, volume_id: str) -> tuple[bool | None, str]:
-        """Whether the storage still has the volume: (True/False, why) or (None, why) when unknowable.
-
-        Uses the driver's ``manage_existing_get_size`` (Cinder's generic "does this exist, how big"
-        call), which most drivers implement.
-        """
+    def check_volume(self, volume_id: str) -> VolumeCheck:
+        """Uses the driver's ``manage_existing_get_size`` (Cinder's generic "does this exist, how big"
+        call), which most drivers implement."""
         volume = self._require_volume(volume_id)
+        record = volume_record(volume)
         try:
             volume.backend.driver.manage_existing_get_size(volume._ovo, {"source-name": volume._ovo.name})
         except NotImplementedError:
-            return None, "the backend driver cannot check for the volume"
+            return VolumeCheck(record, None, "the backend driver cannot check for the volume")
         except (cinder_exception.ManageExistingInvalidReference, cinder_exception.NotFound):
-            return False, f"volume {volume_id} is missing on backend {volume.backend.id}"
+            return VolumeCheck(record, False, f"volume {volume_id} is missing on backend {volume.backend.id}")
         except Exception as exc:
-            return False, f"cannot check volume {volume_id} on backend {volume.backend.id}: {exc}"
-        return True, "volume is present on the backend"
+            return VolumeCheck(record, False, f"cannot check volume {volume_id} on backend {volume.backend.id}: {exc}")
+        return VolumeCheck(record, True, "volume is present on the backend")
 
     # --- volumes ------------------------------------------------------------------------------------
 
-    def op_create_volume(
+    def create_volume(
         self,
         backend: str,
         name: str,
         size_gib: int,
+        limit_bytes: int,
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
     ) -> tuple[VolumeRecord, bool]:
-        """Create (or finish creating) the volume called ``name``: (its record, True), or (the record of
-        an existing usable volume of that name, False) for the front to compare with the request."""
         leftovers = self.persistence.get_volumes(volume_name=name) if self.rows.ids_named("volumes", name) else []
         for leftover in leftovers:
             if leftover.status in USABLE:
@@ -137,14 +142,16 @@ class Adapter:
         make: Callable[[], Any]
         if source_snapshot_id:
             snapshot = self.rows.snapshot(source_snapshot_id)
-            if snapshot is None:
+            if snapshot is None or snapshot.status != "available":
                 raise errors.NotFound(f"source snapshot {source_snapshot_id} does not exist")
             self._check_same_backend(snapshot.backend.id, backend, "snapshot", source_snapshot_id)
+            self._check_source_fits(snapshot.volume_size, limit_bytes, "snapshot", source_snapshot_id)
             volume = objects.Volume(target, size=snapshot.volume_size, snapshot_id=snapshot.id, **fields)
             make = partial(target.driver.create_volume_from_snapshot, volume._ovo, snapshot._ovo)
         elif source_volume_id:
             source = self._require_volume(source_volume_id)
             self._check_same_backend(source.backend.id, backend, "volume", source_volume_id)
+            self._check_source_fits(source.size, limit_bytes, "volume", source_volume_id)
             volume = objects.Volume(target, size=source.size, source_volid=source.id, **fields)
             make = partial(target.driver.create_cloned_volume, volume._ovo, source._ovo)
         else:
@@ -160,7 +167,7 @@ class Adapter:
         except Exception:
             self._destroy_volume(volume)
             raise
-        return volume_record(volume, published={}, snapshot_ids=()), True
+        return volume_record(volume, published={}), True
 
     @staticmethod
     def _check_same_backend(source_backend: str, backend: str, kind: str, source_id: str) -> None:
@@ -168,6 +175,14 @@ class Adapter:
             raise errors.InvalidArgument(
                 f"source {kind} {source_id} is on backend {source_backend}, not {backend}: a volume can only be "
                 "made from a source on its own backend"
+            )
+
+    @staticmethod
+    def _check_source_fits(source_gib: int, limit_bytes: int, kind: str, source_id: str) -> None:
+        if limit_bytes and source_gib * GIB > limit_bytes:
+            raise errors.OutOfRange(
+                f"cannot make a volume of at most {limit_bytes} bytes from source {kind} {source_id}: the source "
+                f"is {source_gib} GiB, and a volume is at least as big as its source"
             )
 
     @staticmethod
@@ -189,7 +204,7 @@ class Adapter:
     def _destroy_volume(self, volume: objects.Volume) -> None:
         self._destroy(volume, volume.backend.driver.delete_volume, self.rows.forget)
 
-    def op_delete_volume(self, volume_id: str) -> None:
+    def delete_volume(self, volume_id: str) -> None:
         snapshot_ids, nodes = self.rows.dependents(volume_id)
         if snapshot_ids:
             ids = ", ".join(sorted(snapshot_ids))
@@ -202,8 +217,12 @@ class Adapter:
         if volume is not None:
             self._destroy_volume(volume)
 
-    def op_extend_volume(self, volume_id: str, size_gib: int) -> VolumeRecord:
+    def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
         volume = self._require_volume(volume_id)
+        if limit_bytes and limit_bytes < volume.size * GIB:
+            raise errors.OutOfRange(
+                f"volume {volume_id} is {volume.size * GIB} bytes; volumes cannot shrink to {limit_bytes}"
+            )
         if volume.size < size_gib:
             self._extend(volume, size_gib)
         return volume_record(volume)
@@ -222,9 +241,7 @@ class Adapter:
 
     # --- snapshots ----------------------------------------------------------------------------------
 
-    def op_create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
-        """Create (or finish creating) the snapshot called ``name`` of ``volume_id``; an available snapshot
-        of that name is returned as it is, whatever its volume, for the front to compare with the request."""
+    def create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
         leftovers = self.persistence.get_snapshots(snapshot_name=name) if self.rows.ids_named("snapshots", name) else []
         for leftover in leftovers:
             if leftover.status == "available":
@@ -252,35 +269,52 @@ class Adapter:
     def _destroy_snapshot(self, snapshot: objects.Snapshot) -> None:
         self._destroy(snapshot, snapshot.backend.driver.delete_snapshot, self.rows.forget)
 
-    def op_delete_snapshot(self, snapshot_id: str) -> None:
+    def delete_snapshot(self, snapshot_id: str) -> None:
         snapshot = self.rows.snapshot(snapshot_id)
         if snapshot is not None:
             self._destroy_snapshot(snapshot)
 
     # --- publication --------------------------------------------------------------------------------
 
-    def op_set_connector(self, node_id: str, properties: dict[str, Any]) -> None:
+    def set_connector(self, node_id: str, properties: dict[str, Any]) -> None:
         self.persistence.set_key_value(objects.KeyValue(CONNECTOR_KEY.format(node=node_id), json.dumps(properties)))
 
-    def op_get_connector(self, node_id: str) -> dict[str, Any] | None:
+    def _stored_connector(self, node_id: str) -> dict[str, Any] | None:
         found = self.persistence.get_key_values(CONNECTOR_KEY.format(node=node_id))
         return json.loads(found[0].value) if found else None
 
-    def op_connect(
-        self, volume_id: str, node_id: str, readonly: bool, connector: dict[str, Any] | None
+    def publish_volume(
+        self, volume_id: str, node_id: str, readonly: bool, multi_node: bool, connector: NodeConnector
     ) -> dict[str, Any]:
-        """Connection info for ``node_id`` (the existing one when already connected there), connecting
-        with the node's ``connector`` properties otherwise."""
         volume = self._require_volume(volume_id)
-        for connection in volume.connections:
-            if connection.attached_host == node_id:
-                return connection.conn_info
-        if connector is None:
-            raise errors.NotFound(f"node {node_id}'s connector properties are unknown")
-        connection = volume.connect(connector, attached_host=node_id, attach_mode="ro" if readonly else "rw")
-        return connection.conn_info
+        if multi_node and not summarize_stats(volume.backend.stats())["multiattach"]:  # stats as of start-up
+            raise errors.InvalidArgument(
+                f"volume {volume_id} is on backend {volume.backend.id}, which does not support multiattach: it "
+                "cannot be published with an access mode for several nodes"
+            )
+        mode = "ro" if readonly else "rw"
+        connections = {c.attached_host: c for c in volume.connections}
+        if node_id in connections:
+            if connections[node_id].attach_mode != mode:
+                raise errors.AlreadyExists(
+                    f"volume {volume_id} is already published to node {node_id} "
+                    f"{'read-only' if mode == 'rw' else 'read-write'}; unpublish it first"
+                )
+            return connections[node_id].conn_info
+        others = sorted(set(connections) - {node_id})
+        if others and not multi_node:
+            raise errors.FailedPrecondition(
+                f"volume {volume_id} is published to node {', '.join(others)} and its access mode allows a single node"
+            )
+        properties = self._stored_connector(node_id) if connector.store == DATABASE_STORE else connector.properties
+        if properties is None:
+            raise errors.NotFound(
+                f"node {node_id} has not published its connector properties ({connector.store} store); is the "
+                "mbs-csi node plugin running there?"
+            )
+        return volume.connect(properties, attached_host=node_id, attach_mode=mode).conn_info
 
-    def op_disconnect(self, volume_id: str, node_id: str | None) -> None:
+    def unpublish_volume(self, volume_id: str, node_id: str | None) -> None:
         volume = self.rows.volume(volume_id)
         if volume is None:
             return

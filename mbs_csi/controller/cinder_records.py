@@ -18,10 +18,8 @@ def _epoch(ovo: Any) -> float:
     return (created if created.tzinfo else created.replace(tzinfo=datetime.UTC)).timestamp()
 
 
-def volume_record(
-    volume: objects.Volume, published: dict[str, str] | None = None, snapshot_ids: tuple[str, ...] | None = None
-) -> VolumeRecord:
-    """The record of ``volume``; pass ``published``/``snapshot_ids`` when known, to skip reading them."""
+def volume_record(volume: objects.Volume, published: dict[str, str] | None = None) -> VolumeRecord:
+    """The record of ``volume``; pass ``published`` when known, to skip reading its connections."""
     ovo = volume._ovo
     return VolumeRecord(
         id=volume.id,
@@ -29,12 +27,10 @@ def volume_record(
         backend=volume.backend.id,
         size_gib=ovo.size,
         status=ovo.status,
-        created_at=_epoch(ovo),
         source_volume_id=ovo.source_volid,
         source_snapshot_id=ovo.snapshot_id,
         metadata=dict(ovo.metadata or {}),
         published={c.attached_host: c.attach_mode for c in volume.connections} if published is None else published,
-        snapshot_ids=tuple(s.id for s in volume.snapshots) if snapshot_ids is None else snapshot_ids,
     )
 
 

@@ -1,10 +1,11 @@
 """Where ControllerPublishVolume finds a node's os-brick connector properties (``connector_store``).
 
-- ``database``: a key/value row per node in the controller's cinderlib database, read and written by a
-  backend worker. Only role ``all`` publishes there (its node side shares the process with the pool); a
-  node elsewhere would need the database's credentials.
+- ``database``: a key/value row per node in the controller's cinderlib database, written and read by a
+  backend worker: the publish operation reads the node's row itself, within its one round trip. Only
+  role ``all`` publishes there (its node side shares the process with the pool); a node elsewhere would
+  need the database's credentials.
 - ``kubernetes``: the annotation ``<driver_name>/connector`` of the node's own Node object
-  (:mod:`mbs_csi.node_annotations`), read in-process.
+  (:mod:`mbs_csi.node_annotations`), read in the front, which hands the properties to the worker.
 """
 
 from __future__ import annotations
@@ -12,27 +13,39 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from mbs_csi.config import Settings
-from mbs_csi.controller.pool import WorkerPool
+from mbs_csi.controller.operations import BackendOperations
+from mbs_csi.controller.records import DATABASE_STORE, NodeConnector
 from mbs_csi.node_annotations import NodeAnnotations, annotation_key
 
 
 class ConnectorStore(Protocol):
-    def lookup(self, node_id: str) -> dict[str, Any] | None: ...
+    def connector(self, node_id: str) -> NodeConnector:
+        """Where the publish operation finds ``node_id``'s properties."""
 
 
 class DatabaseConnectorStore:
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
+    def __init__(self, backend: BackendOperations) -> None:
+        self.backend = backend
 
     def publish(self, node_id: str, properties: dict[str, Any]) -> None:
-        self.pool.call("set_connector", node_id=node_id, properties=properties)
+        self.backend.set_connector(node_id, properties)
 
-    def lookup(self, node_id: str) -> dict[str, Any] | None:
-        return self.pool.call("get_connector", node_id=node_id)
+    def connector(self, node_id: str) -> NodeConnector:
+        return NodeConnector(DATABASE_STORE)
 
 
-def connector_store(settings: Settings, pool: WorkerPool) -> DatabaseConnectorStore | NodeAnnotations:
+class KubernetesConnectorStore:
+    def __init__(self, annotations: NodeAnnotations) -> None:
+        self.annotations = annotations
+
+    def connector(self, node_id: str) -> NodeConnector:
+        return NodeConnector("kubernetes", self.annotations.lookup(node_id))
+
+
+def connector_store(
+    settings: Settings, backend: BackendOperations
+) -> DatabaseConnectorStore | KubernetesConnectorStore:
     """The configured store, for the controller's lookups."""
-    if settings.connector_store == "kubernetes":
-        return NodeAnnotations(annotation_key(settings.driver_name), settings.kubeconfig)
-    return DatabaseConnectorStore(pool)
+    if settings.connector_store == DATABASE_STORE:
+        return DatabaseConnectorStore(backend)
+    return KubernetesConnectorStore(NodeAnnotations(annotation_key(settings.driver_name), settings.kubeconfig))

@@ -1,8 +1,11 @@
-"""Plain, picklable views of volumes and snapshots, passed from the backend workers to the front."""
+"""Plain, picklable records that cross the socket between the front and the backend workers: views of
+volumes and snapshots, what a worker starts with, and the few other arguments and results of
+:mod:`operations` that are more than one value."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 GIB = 1024**3
 
@@ -14,14 +17,12 @@ class VolumeRecord:
     backend: str
     size_gib: int
     status: str
-    created_at: float  # seconds since the epoch
     source_volume_id: str | None = None
     source_snapshot_id: str | None = None
     # CSI facts about the volume, kept in the volume's metadata (see service.META_*)
     metadata: dict[str, str] = field(default_factory=dict)
     # node id -> attach mode ("rw" or "ro")
     published: dict[str, str] = field(default_factory=dict)
-    snapshot_ids: tuple[str, ...] = ()
 
     @property
     def size_bytes(self) -> int:
@@ -35,11 +36,32 @@ class SnapshotRecord:
     volume_id: str
     size_gib: int
     status: str
-    created_at: float
+    created_at: float  # seconds since the epoch
 
     @property
     def size_bytes(self) -> int:
         return self.size_gib * GIB
+
+
+@dataclass(frozen=True)
+class VolumeCheck:
+    """A volume, and whether the storage still has it: ``present`` None when the driver cannot tell."""
+
+    volume: VolumeRecord
+    present: bool | None
+    message: str
+
+
+DATABASE_STORE = "database"  # the connector_store whose rows the workers read and write (config.CONNECTOR_STORES)
+
+
+@dataclass(frozen=True)
+class NodeConnector:
+    """Where a node's os-brick connector properties are, for a publish: found by the front (``properties``,
+    None when the node published none), or, for the ``database`` store, read by the worker itself."""
+
+    store: str  # the connector_store setting
+    properties: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""CSI Controller service: validates, holds the per-volume/per-name locks, and dispatches each call to
-a backend worker (``pool.py``). No cinder code runs in this process."""
+"""CSI Controller service: validates, holds the per-volume/per-name locks, and makes each call's backend
+work one operation of the typed interface (``operations.py``): one round trip to a backend worker. No
+cinder code runs in this process."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi import csi_pb2, csi_pb2_grpc
-from mbs_csi import errors, logs
+from mbs_csi import errors
 from mbs_csi.capabilities import access, require
 from mbs_csi.config import Backend, Settings
 from mbs_csi.controller import validate
 from mbs_csi.controller.connector_store import ConnectorStore
-from mbs_csi.controller.pool import WorkerPool
+from mbs_csi.controller.operations import BackendOperations
 from mbs_csi.controller.records import GIB, SnapshotRecord, VolumeRecord
 from mbs_csi.inflight import DatabaseLocks, InFlight
 from mbs_csi.publish_context import to_publish_context
@@ -66,9 +67,9 @@ def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, toke
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, settings: Settings, pool: WorkerPool, connectors: ConnectorStore) -> None:
+    def __init__(self, settings: Settings, backend: BackendOperations, connectors: ConnectorStore) -> None:
         self.settings = settings
-        self.pool = pool
+        self.backend = backend
         self.connectors = connectors
         shared_database = settings.database.startswith("postgresql")
         self.inflight = InFlight(DatabaseLocks(settings.database, settings.workers) if shared_database else None)
@@ -77,21 +78,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _call(self, operation: str, **kwargs: Any) -> Any:
-        return self.pool.call(operation, request_id=logs.request_id.get(), **kwargs)
-
     def stats(self, backend: Backend) -> dict[str, Any]:
         with self._stats_lock:
             cached = self._stats.get(backend.name)
         if cached and time.monotonic() - cached[0] < STATS_TTL:
             return cached[1]
-        stats = self._call("stats", backend=backend.name)
+        stats = self.backend.stats(backend.name)
         with self._stats_lock:
             self._stats[backend.name] = (time.monotonic(), stats)
         return stats
 
     def _volume(self, volume_id: str) -> VolumeRecord:
-        record = self._call("get_volume", volume_id=volume_id)
+        record = self.backend.get_volume(volume_id)
         if record is None or record.status not in USABLE:
             raise errors.NotFound(f"volume {volume_id} does not exist")
         return record
@@ -150,34 +148,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"snapshot:{source_snapshot}" if source_snapshot else "",
             f"volume:{source_volume}" if source_volume else "",
         )
+        size_gib = validate.size_gib(capacity)  # the worker makes it at least its source's size
         with self.inflight.hold(f"name:{request.name}", shared=sources):
-            minimum = validate.DEFAULT_SIZE_GIB
-            if source_kind:  # an existing volume answers a repeat even after its source is gone
-                existing = self._call("find_volume", name=request.name)
-                if existing is None or existing.status not in USABLE:
-                    minimum = max(minimum, self._source_size(source_snapshot, source_volume))
-            record, created = self._call(
-                "create_volume",
-                backend=backend.name,
-                name=request.name,
-                size_gib=validate.size_gib(capacity, minimum),
-                metadata=metadata,
+            record, created = self.backend.create_volume(
+                backend.name,
+                request.name,
+                size_gib,
+                capacity.limit_bytes if capacity else 0,
+                metadata,
                 source_volume_id=source_volume or None,
                 source_snapshot_id=source_snapshot or None,
             )
             if not created:
                 self._check_same_request(record, backend, capacity, source_snapshot, source_volume, metadata)
         return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(record))
-
-    def _source_size(self, snapshot_id: str, volume_id: str) -> int:
-        if snapshot_id:
-            snapshot = self._call("get_snapshot", snapshot_id=snapshot_id)
-            if snapshot is None or snapshot.status != "available":
-                raise errors.NotFound(f"source snapshot {snapshot_id} does not exist")
-            return snapshot.size_gib
-        if volume_id:
-            return self._volume(volume_id).size_gib
-        return 0
 
     @staticmethod
     def _check_same_request(
@@ -210,7 +194,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         validate.identifiers(request)
         require(request.volume_id, "volume_id")
         with self.inflight.hold(f"volume:{request.volume_id}"):
-            self._call("delete_volume", volume_id=request.volume_id)
+            self.backend.delete_volume(request.volume_id)
         return csi_pb2.DeleteVolumeResponse()
 
     def ControllerPublishVolume(
@@ -220,38 +204,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         require(request.volume_id, "volume_id")
         require(request.node_id, "node_id")
         require(request.HasField("volume_capability"), "volume_capability")
+        # The form of the capability is checked here; whether the volume's backend supports multiattach,
+        # by the worker, which knows the volume's backend.
+        wants = access([request.volume_capability], multiattach=True)
+        connector = self.connectors.connector(request.node_id)
         with self.inflight.hold(f"volume:{request.volume_id}"):
-            record = self._volume(request.volume_id)
-            backend = self.settings.backend(record.backend)
-            multiattach = backend is not None and self.stats(backend)["multiattach"]
-            wants = access([request.volume_capability], multiattach=multiattach)
-            mode = "ro" if request.readonly else "rw"
-            if request.node_id in record.published:
-                if record.published[request.node_id] != mode:
-                    raise errors.AlreadyExists(
-                        f"volume {request.volume_id} is already published to node {request.node_id} "
-                        f"{'read-only' if mode == 'rw' else 'read-write'}; unpublish it first"
-                    )
-                connector = None  # connected there already: the worker answers with that connection
-            else:
-                others = sorted(set(record.published) - {request.node_id})
-                if others and not wants.multi_node:
-                    raise errors.FailedPrecondition(
-                        f"volume {request.volume_id} is published to node {', '.join(others)} and its access "
-                        "mode allows a single node"
-                    )
-                connector = self.connectors.lookup(request.node_id)
-                if connector is None:
-                    raise errors.NotFound(
-                        f"node {request.node_id} has not published its connector properties "
-                        f"({self.settings.connector_store} store); is the mbs-csi node plugin running there?"
-                    )
-            info = self._call(
-                "connect",
-                volume_id=request.volume_id,
-                node_id=request.node_id,
-                readonly=request.readonly,
-                connector=connector,
+            info = self.backend.publish_volume(
+                request.volume_id, request.node_id, request.readonly, wants.multi_node, connector
             )
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=to_publish_context(info))
 
@@ -261,7 +220,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         validate.identifiers(request)
         require(request.volume_id, "volume_id")
         with self.inflight.hold(f"volume:{request.volume_id}"):
-            self._call("disconnect", volume_id=request.volume_id, node_id=request.node_id or None)
+            self.backend.unpublish_volume(request.volume_id, request.node_id or None)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     def ValidateVolumeCapabilities(
@@ -295,7 +254,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ListVolumes(
         self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListVolumesResponse:
-        records = [r for r in self._call("list_volumes") if r.status in USABLE]
+        records = [r for r in self.backend.list_volumes() if r.status in USABLE]
         page, next_token = paginate(records, lambda r: r.id, request.max_entries, request.starting_token)
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
@@ -357,16 +316,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         validate.identifiers(request)
         require(request.volume_id, "volume_id")
         require(request.HasField("capacity_range"), "capacity_range")
+        size_gib = validate.size_gib(request.capacity_range)
         with self.inflight.hold(f"volume:{request.volume_id}"):
-            record = self._volume(request.volume_id)
-            limit = request.capacity_range.limit_bytes
-            if limit and limit < record.size_bytes:
-                raise errors.OutOfRange(
-                    f"volume {record.id} is {record.size_bytes} bytes; volumes cannot shrink to {limit}"
-                )
-            size = validate.size_gib(request.capacity_range, validate.DEFAULT_SIZE_GIB)
-            if size > record.size_gib:
-                record = self._call("extend_volume", volume_id=record.id, size_gib=size)
+            record = self.backend.extend_volume(request.volume_id, size_gib, request.capacity_range.limit_bytes)
         # The node has work either way: grow the filesystem, or rescan the device for a block volume.
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=record.size_bytes, node_expansion_required=True)
 
@@ -375,13 +327,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerGetVolumeResponse:
         validate.identifiers(request)
         require(request.volume_id, "volume_id")
-        record = self._volume(request.volume_id)
-        present, why = self._call("volume_present", volume_id=record.id)
+        check = self.backend.check_volume(request.volume_id)
         return csi_pb2.ControllerGetVolumeResponse(
-            volume=self._csi_volume(record),
+            volume=self._csi_volume(check.volume),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-                published_node_ids=sorted(record.published),
-                volume_condition=csi_pb2.VolumeCondition(abnormal=present is False, message=why),
+                published_node_ids=sorted(check.volume.published),
+                volume_condition=csi_pb2.VolumeCondition(abnormal=check.present is False, message=check.message),
             ),
         )
 
@@ -395,7 +346,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         require(request.source_volume_id, "source_volume_id")
         with self.inflight.hold(f"snapshot-name:{request.name}", shared=[f"volume:{request.source_volume_id}"]):
             # One backend round trip: an available snapshot of that name is returned as it is, of any volume.
-            record = self._call("create_snapshot", volume_id=request.source_volume_id, name=request.name)
+            record = self.backend.create_snapshot(request.source_volume_id, request.name)
             if record.volume_id != request.source_volume_id:
                 raise errors.AlreadyExists(
                     f"snapshot {request.name} already exists ({record.id}) of another volume, {record.volume_id}"
@@ -408,14 +359,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         validate.identifiers(request)
         require(request.snapshot_id, "snapshot_id")
         with self.inflight.hold(f"snapshot:{request.snapshot_id}"):
-            self._call("delete_snapshot", snapshot_id=request.snapshot_id)
+            self.backend.delete_snapshot(request.snapshot_id)
         return csi_pb2.DeleteSnapshotResponse()
 
     def ListSnapshots(
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
         validate.identifiers(request)
-        records = [s for s in self._call("list_snapshots") if s.status == "available"]
+        records = [s for s in self.backend.list_snapshots() if s.status == "available"]
         if request.snapshot_id:
             records = [s for s in records if s.id == request.snapshot_id]
         if request.source_volume_id:
@@ -431,7 +382,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.GetSnapshotResponse:
         validate.identifiers(request)
         require(request.snapshot_id, "snapshot_id")
-        record = self._call("get_snapshot", snapshot_id=request.snapshot_id)
+        record = self.backend.get_snapshot(request.snapshot_id)
         if record is None or record.status != "available":
             raise errors.NotFound(f"snapshot {request.snapshot_id} does not exist")
         return csi_pb2.GetSnapshotResponse(snapshot=self._csi_snapshot(record))

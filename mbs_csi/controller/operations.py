@@ -1,0 +1,82 @@
+"""The backend operations: the one typed interface between the gRPC front and the backend workers.
+
+:class:`BackendOperations` lists every operation with its arguments and result. A worker implements it
+on cinderlib (:class:`mbs_csi.controller.adapter.Adapter`); the front calls it through
+:class:`mbs_csi.controller.client.BackendClient`, each call one round trip to a worker. Each operation
+does all that needs the loaded volume or snapshot itself (a source's size, who the volume is published
+to), so that no CSI call needs a second trip. Every operation is idempotent (see ``adapter.py``) and
+fails with :class:`mbs_csi.errors.CSIError` subclasses, which reach the front as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from mbs_csi.controller.records import NodeConnector, SnapshotRecord, VolumeCheck, VolumeRecord
+
+
+class BackendOperations(Protocol):
+    # --- reads --------------------------------------------------------------------------------------
+
+    def stats(self, backend: str) -> dict[str, Any]:
+        """The backend's stats, fresh from the storage, reduced by :func:`stats.summarize_stats`."""
+
+    def get_volume(self, volume_id: str) -> VolumeRecord | None: ...
+
+    def list_volumes(self) -> list[VolumeRecord]: ...
+
+    def check_volume(self, volume_id: str) -> VolumeCheck:
+        """The volume, and whether the storage still has it; NotFound when it does not exist."""
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None: ...
+
+    def list_snapshots(self) -> list[SnapshotRecord]: ...
+
+    # --- volumes ------------------------------------------------------------------------------------
+
+    def create_volume(
+        self,
+        backend: str,
+        name: str,
+        size_gib: int,
+        limit_bytes: int,
+        metadata: dict[str, str],
+        source_volume_id: str | None = None,
+        source_snapshot_id: str | None = None,
+    ) -> tuple[VolumeRecord, bool]:
+        """Create (or finish creating) the volume called ``name``, of ``size_gib`` or its source's size if
+        larger (OutOfRange when that exceeds ``limit_bytes``, 0: no limit): (its record, True); or (the
+        record of an existing usable volume of that name, False), for the front to compare with the request."""
+
+    def delete_volume(self, volume_id: str) -> None: ...
+
+    def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
+        """Grow the volume to ``size_gib`` unless it is that big already; OutOfRange when it is bigger
+        than ``limit_bytes`` (0: no limit), since volumes never shrink."""
+
+    # --- snapshots ----------------------------------------------------------------------------------
+
+    def create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
+        """Create (or finish creating) the snapshot called ``name``; an available snapshot of that name
+        is returned as it is, whatever its volume, for the front to compare with the request."""
+
+    def delete_snapshot(self, snapshot_id: str) -> None: ...
+
+    # --- publication --------------------------------------------------------------------------------
+
+    def set_connector(self, node_id: str, properties: dict[str, Any]) -> None:
+        """Store a node's connector properties (``connector_store: database``)."""
+
+    def publish_volume(
+        self, volume_id: str, node_id: str, readonly: bool, multi_node: bool, connector: NodeConnector
+    ) -> dict[str, Any]:
+        """The connection info of the volume for ``node_id``: the existing connection when there is one
+        (AlreadyExists when its mode differs), a new one otherwise, unless the volume is published to
+        another node and ``multi_node`` is false (FailedPrecondition)."""
+
+    def unpublish_volume(self, volume_id: str, node_id: str | None) -> None:
+        """Disconnect the volume from ``node_id`` (from every node when None); a missing volume is fine."""
+
+
+# The operations a worker runs for the front: the public methods of the interface, and nothing else.
+OPERATIONS = frozenset(name for name in vars(BackendOperations) if not name.startswith("_"))
