@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+# The marks of a test module that runs the node's code in-process on real loop devices: it needs root,
+# and os-brick's privsep and oslo's eventlet helpers warn about things that do not concern the tests.
+NODE_IN_PROCESS = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
+    ),
+    pytest.mark.filterwarnings("ignore:Using fork:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_utils.eventletutils"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_service.eventlet_backdoor"),
+]
 
 COMMAND_TIMEOUT = 60.0
 

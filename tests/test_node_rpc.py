@@ -30,17 +30,10 @@ from mbs_csi.node.service import NodeService
 from mbs_csi.node.store import AttachmentStore
 from testkit.csi_requests import block_cap, mount_cap
 from testkit.host import CAP_SYS_RESOURCE, has_capability, short_tmpdir
-from testkit.loop import attach, detach, reread_capacity, sparse_file
+from testkit.loop import NODE_IN_PROCESS, attach, detach, reread_capacity, sparse_file
 from testkit.rpc import rpc_error
 
-pytestmark = [
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
-    ),
-    pytest.mark.filterwarnings("ignore:Using fork:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_utils.eventletutils"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_service.eventlet_backdoor"),
-]
+pytestmark = NODE_IN_PROCESS
 
 MIB = 1024**2
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

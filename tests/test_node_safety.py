@@ -33,16 +33,9 @@ from mbs_csi.node.service import NodeService
 from mbs_csi.node.store import AttachmentStore
 from testkit.csi_requests import Mode, block_cap, mount_cap
 from testkit.host import short_tmpdir
-from testkit.loop import attach, detach, sparse_file
+from testkit.loop import NODE_IN_PROCESS, attach, detach, sparse_file
 
-pytestmark = [
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
-    ),
-    pytest.mark.filterwarnings("ignore:Using fork:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_utils.eventletutils"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:oslo_service.eventlet_backdoor"),
-]
+pytestmark = NODE_IN_PROCESS
 
 MIB = 1024**2
 OK = grpc.StatusCode.OK
