@@ -90,8 +90,16 @@ class Driver:
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> Driver:
-        """Wait until Probe answers ready (a controller is not ready until a backend worker is up)."""
-        wait_until(self.probe, timeout, lambda: f"Probe to answer ready; the driver's log:\n{self.log()}", 0.2)
+        """Wait until Probe answers ready (a controller is not ready until a backend worker is up); a
+        channel still in its reconnect backoff after a restart counts as not ready yet."""
+
+        def ready() -> bool:
+            try:
+                return self.probe()
+            except grpc.RpcError:
+                return False
+
+        wait_until(ready, timeout, lambda: f"Probe to answer ready; the driver's log:\n{self.log()}", 0.2)
         return self
 
     def wait_logged(self, text: str, timeout: float = START_TIMEOUT) -> None:

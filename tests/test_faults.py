@@ -137,7 +137,6 @@ def replaced(ctl: ControllerUnderTest, worker: int) -> None:
 # --- kill -9 of the front ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 defect 2: workers busy when the front dies outlive it (EPIPE loop)")
 def test_front_killed_while_a_worker_copies(ctl, storm):
     run = storm(1)
     copying_worker(ctl)
@@ -146,7 +145,6 @@ def test_front_killed_while_a_worker_copies(ctl, storm):
     run.finish()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 defect 2: a worker starting when the front dies outlives it")
 def test_front_killed_while_a_worker_starts(ctl, storm):
     run = storm(2)
     run.traffic_goes_on(1)
@@ -160,7 +158,6 @@ def test_front_killed_while_a_worker_starts(ctl, storm):
 # --- kill -9 of one worker ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 defect 1: a call handed a just-killed worker may hang")
 def test_idle_workers_killed(ctl, storm):
     run = storm(3)
     for _ in range(2):
@@ -180,7 +177,6 @@ def test_workers_killed_while_starting(ctl, storm):
     run.finish()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 defects 5, 1: a kill mid-copy leaves .tmp-*; its call may hang")
 def test_workers_killed_while_copying(ctl, storm):
     run = storm(5)
     for _ in range(3):
@@ -191,7 +187,6 @@ def test_workers_killed_while_copying(ctl, storm):
     run.finish()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 defects 1, 5: a call on a killed worker may hang; .tmp-* left")
 def test_random_worker_kills_during_traffic(ctl, storm):
     """Kills at random moments, as in the soak that found defect 1 (there: 4 in 75 kills)."""
     dice = random.Random(6)
@@ -208,7 +203,6 @@ def test_random_worker_kills_during_traffic(ctl, storm):
 # --- kill -9 of the whole process group --------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 defect 5: a copy killed with its group leaves its .tmp-* file")
 def test_group_killed_while_a_worker_copies(ctl, storm):
     run = storm(7)
     copying_worker(ctl)
