@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -101,6 +102,11 @@ def test_a_call_fails_over_at_once_when_its_worker_dies_and_its_socket_stays_ope
         ctl.close()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="open defect (issue 12): on a loaded machine, killing two busy workers sometimes takes the other two "
+    "down as well (3 of about 10 loaded runs); the cause is not found yet",
+)
 def test_killing_busy_workers_fails_their_calls_at_once_and_never_crosses_answers():
     """Kill half the workers at once, again and again, while 16 clients keep them busy: each call answers
     with its own result or UNAVAILABLE (retried once on another worker first), never with what another
@@ -112,6 +118,7 @@ def test_killing_busy_workers_fails_their_calls_at_once_and_never_crosses_answer
         stop = threading.Event()
         answered: collections.Counter[str] = collections.Counter()
         wrong: list[str] = []
+        killed: set[int] = set()
 
         def client(volume_id: str) -> None:
             request = pb.ControllerGetVolumeRequest(volume_id=volume_id)
@@ -141,6 +148,7 @@ def test_killing_busy_workers_fails_their_calls_at_once_and_never_crosses_answer
                         lambda before=calls_before: answered.total() > before, 120, "calls answered between kills"
                     )
                     for pid in ready[round_ % 2 :: 2]:  # all busy: 16 clients keep 4 workers so
+                        killed.add(pid)
                         os.kill(pid, signal.SIGKILL)
             finally:
                 stop.set()
@@ -148,6 +156,9 @@ def test_killing_busy_workers_fails_their_calls_at_once_and_never_crosses_answer
                     future.result()
         assert not wrong, wrong
         assert answered["OK"] > 0
+        pattern = r"backend worker (\d+) exited with|backend worker died during \S+ \(worker (\d+) died"
+        died = {int(a or b) for a, b in re.findall(pattern, ctl.driver.log())}
+        assert died <= killed, f"workers the test did not kill died too: {sorted(died - killed)}"
         for volume_id in volumes:  # no call holds a volume's lock any more: each answers, none ABORTED
             grown = ctl.stub.ControllerExpandVolume(
                 pb.ControllerExpandVolumeRequest(
