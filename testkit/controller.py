@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -18,6 +21,9 @@ from mbs_csi.controller.worker_config import worker_config
 from testkit import loop
 from testkit.driver import Driver
 from testkit.host import short_tmpdir
+
+if TYPE_CHECKING:  # a type of the fixture helper only
+    import pytest
 
 ZONE_KEY = "topology.mbs.csi.io/zone"
 
@@ -126,3 +132,25 @@ class ControllerUnderTest:
         for device in self.loop_devices():
             loop.detach(device)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def controller_on(
+    request: pytest.FixtureRequest, nodes: tuple[str, ...], extra: dict[str, object] | None = None
+) -> Iterator[ControllerUnderTest]:
+    """A controller on the database ``request.param`` names ("sqlite", or "postgresql": a new database of
+    the session's ``postgres`` fixture), with ``nodes`` registered; fails if it leaves a loop device bound."""
+    database = None
+    if request.param == "postgresql":
+        database = request.getfixturevalue("postgres").new_database(f"ctl_{uuid.uuid4().hex[:8]}")
+    controller = ControllerUnderTest(database, extra)
+    controller.register_nodes(*nodes)
+    yield controller
+    leftovers = controller.loop_devices()
+    controller.close()
+    assert leftovers == [], "loop devices left bound"
+
+
+def unique(prefix: str = "pvc") -> str:
+    """A name no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"

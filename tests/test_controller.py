@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from csi import csi_pb2 as pb
-from testkit.controller import ZONE_KEY, ControllerUnderTest
+from testkit.controller import ZONE_KEY, ControllerUnderTest, controller_on, unique
 from testkit.csi_requests import GIB, Mode, block_cap, create_request, mount_cap
 from testkit.rpc import rpc_error
 from testkit.wait import wait_until
@@ -25,19 +25,8 @@ RPC = pb.ControllerServiceCapability.RPC
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def ctl(request):
-    database = None
-    if request.param == "postgresql":
-        database = request.getfixturevalue("postgres").new_database(f"ctl_{uuid.uuid4().hex[:8]}")
-    controller = ControllerUnderTest(database)
-    controller.register_nodes("node-a", "node-b")
-    yield controller
-    leftovers = controller.loop_devices()
-    controller.close()
-    assert leftovers == [], "loop devices left bound"
-
-
-def unique(prefix: str = "pvc") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+    with controller_on(request, ("node-a", "node-b")) as controller:
+        yield controller
 
 
 def create(ctl, name: str | None = None, **kwargs) -> pb.Volume:

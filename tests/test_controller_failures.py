@@ -10,7 +10,6 @@ import errno
 import os
 import sqlite3
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import psycopg2
 import pytest
 
 from csi import csi_pb2 as pb
-from testkit.controller import ControllerUnderTest
+from testkit.controller import ControllerUnderTest, controller_on, unique
 from testkit.csi_requests import GIB, block_cap, create_request, mount_cap
 from testkit.postgres import PostgresCluster
 from testkit.rpc import rpc_error
@@ -34,19 +33,8 @@ LARGEST_REQUEST = 2**63 - 1  # bytes: the most a CapacityRange can ask for
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def ctl(request: pytest.FixtureRequest) -> Iterator[ControllerUnderTest]:
-    database = None
-    if request.param == "postgresql":
-        database = request.getfixturevalue("postgres").new_database(f"fail_{uuid.uuid4().hex[:8]}")
-    controller = ControllerUnderTest(database, extra={"backend_timeout": BACKEND_TIMEOUT})
-    controller.register_nodes("node-a")
-    yield controller
-    leftovers = controller.loop_devices()
-    controller.close()
-    assert leftovers == [], "loop devices left bound"
-
-
-def unique(prefix: str = "pvc") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+    with controller_on(request, ("node-a",), {"backend_timeout": BACKEND_TIMEOUT}) as controller:
+        yield controller
 
 
 def create(ctl: ControllerUnderTest, **kwargs: object) -> pb.Volume:
