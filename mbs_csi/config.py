@@ -83,6 +83,7 @@ class Backend:
     driver_options: Mapping[str, Any] = field(default_factory=dict)
     driver_sensitive_options: Mapping[str, secrets.Secret] = field(default_factory=dict)
     topology: Mapping[str, str] = field(default_factory=dict)
+    max_volumes_per_node: int = 0  # volumes of this backend one node may have published (0: no limit)
 
     def all_options(self) -> dict[str, Any]:
         """Plain and sensitive options together, secrets revealed: for handing to the driver only."""
@@ -98,6 +99,7 @@ class Backend:
             "driver_options": dict(self.driver_options),
             "driver_sensitive_options": secrets.masked(self.driver_sensitive_options),
             "topology": dict(self.topology),
+            "max_volumes_per_node": self.max_volumes_per_node,
         }
 
 
@@ -250,6 +252,19 @@ def _int_text(check: Callable[[int], int]) -> Callable[[str], int]:
     return lambda text: check(int(text))
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError
+    return value
+
+
+def _bool_text(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError
+    return lowered in ("true", "1", "yes")
+
+
 def _seconds_text(check: Callable[[Any], float]) -> Callable[[str], float]:
     return lambda text: check(float(text))
 
@@ -336,7 +351,8 @@ class Settings:
     )
     max_volumes_per_node: int = setting(
         0,
-        "node: volumes this node accepts, announced in NodeGetInfo (0: no limit)",
+        "volumes one node may have published: the node announces it in NodeGetInfo, the controller refuses a "
+        "ControllerPublishVolume beyond it (RESOURCE_EXHAUSTED); set the same value for both roles (0: no limit)",
         "an integer >= 0 (0: no limit)",
         lambda v: _not_negative(_int(v)),
         from_text=_int_text(_not_negative),
@@ -383,6 +399,24 @@ class Settings:
         "host:port, e.g. 127.0.0.1:9808 (any address: :9808)",
         _host_port,
         default_text="none (off)",
+    )
+    alpha_capabilities: bool = setting(
+        True,
+        "advertise the CSI spec's alpha capabilities (GET_SNAPSHOT, GET_VOLUME, VOLUME_CONDITION, "
+        "SINGLE_NODE_MULTI_WRITER); `false` for sidecars that stop on them: csi-provisioner v5.2.0 and others "
+        "on csi-lib-utils < v0.21, csi-sanity v5.4.0. The alpha calls still answer",
+        "true or false",
+        _bool,
+        from_text=_bool_text,
+    )
+    audit_interval: float = setting(
+        600.0,
+        "controller: seconds between audits of storage, database and connector store (metrics "
+        "`mbs_csi_audit_findings`); 0: never",
+        "a number of seconds >= 0",
+        _seconds,
+        from_text=_seconds_text(_seconds),
+        default_text="`600`",
     )
     backends: tuple[Backend, ...] = ()
 
@@ -431,7 +465,14 @@ def _env_name(key: str, option: Option) -> str:
 # key -> Option, in declaration order: what the file, the environment and the flags accept.
 OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(Settings) if "option" in f.metadata}
 FILE_KEYS = (*OPTIONS, "backends")
-BACKEND_KEYS = ("name", "volume_driver", "driver_options", "driver_sensitive_options", "topology")
+BACKEND_KEYS = (
+    "name",
+    "volume_driver",
+    "driver_options",
+    "driver_sensitive_options",
+    "topology",
+    "max_volumes_per_node",
+)
 CONFIG_ENV = "MBS_CSI_CONFIG"
 
 
@@ -577,12 +618,18 @@ def parse_backend(raw: Any, source: str, key: str) -> Backend:
             f"{key}.topology",
             f"expected a mapping of topology keys to string values, got {_describe(raw.get('topology'))}",
         ) from None
+    limit = raw.get("max_volumes_per_node", 0)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ConfigError(
+            source, f"{key}.max_volumes_per_node", f"expected an integer >= 0 (0: no limit), got {_describe(limit)}"
+        )
     return Backend(
         name=name,
         volume_driver=driver,
         driver_options=MappingProxyType(plain),
         driver_sensitive_options=MappingProxyType(sensitive),
         topology=MappingProxyType(topology),
+        max_volumes_per_node=limit,
     )
 
 

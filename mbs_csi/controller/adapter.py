@@ -26,12 +26,15 @@ from cinderlib import objects
 
 from mbs_csi import errors
 from mbs_csi.controller import database, failures
+from mbs_csi.controller.attach_limits import NodeSlots
 from mbs_csi.controller.backends import Backends, setup_cinderlib
 from mbs_csi.controller.cinder_records import snapshot_record, volume_record
 from mbs_csi.controller.operations import OPERATIONS, BackendOperations
 from mbs_csi.controller.records import (
     DATABASE_STORE,
     GIB,
+    NO_LIMITS,
+    AttachLimits,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -55,6 +58,7 @@ class Adapter(BackendOperations):
         self.persistence = cinderlib.Backend.persistence
         self.rows = Rows(database.engine(config.backend_timeout), self.persistence)
         self.backends = Backends(config.backends)
+        self.slots = NodeSlots(self.rows.engine)
 
     @property
     def backend_errors(self) -> dict[str, str | None]:
@@ -284,7 +288,13 @@ class Adapter(BackendOperations):
         return json.loads(found[0].value) if found else None
 
     def publish_volume(
-        self, volume_id: str, node_id: str, readonly: bool, multi_node: bool, connector: NodeConnector
+        self,
+        volume_id: str,
+        node_id: str,
+        readonly: bool,
+        multi_node: bool,
+        connector: NodeConnector,
+        limits: AttachLimits = NO_LIMITS,
     ) -> dict[str, Any]:
         volume = self._require_volume(volume_id)
         if multi_node and not summarize_stats(volume.backend.stats())["multiattach"]:  # stats as of start-up
@@ -312,15 +322,34 @@ class Adapter(BackendOperations):
                 f"node {node_id} has not published its connector properties ({connector.store} store); is the "
                 "mbs-csi node plugin running there?"
             )
-        return volume.connect(properties, attached_host=node_id, attach_mode=mode).conn_info
+        with self.slots.reserve(node_id, volume.backend.id, limits):
+            return volume.connect(properties, attached_host=node_id, attach_mode=mode).conn_info
 
-    def unpublish_volume(self, volume_id: str, node_id: str | None) -> None:
+    def node_gone(self, node_id: str, connector: NodeConnector | None) -> bool:
+        """Whether ``node_id`` is known to be gone: its connector properties are no longer in the store
+        (``connector`` None: the front could not tell)."""
+        if connector is None:
+            return False
+        if connector.store == DATABASE_STORE:
+            return self._stored_connector(node_id) is None
+        return connector.properties is None
+
+    def unpublish_volume(self, volume_id: str, node_id: str | None, connector: NodeConnector | None = None) -> None:
         volume = self.rows.volume(volume_id)
         if volume is None:
             return
-        for connection in list(volume.connections):
-            if node_id is None or connection.attached_host == node_id:
-                volume.disconnect(connection)
+        mine = [c for c in volume.connections if node_id is None or c.attached_host == node_id]
+        force = bool(mine) and node_id is not None and self.node_gone(node_id, connector)
+        if force:
+            log.warning(
+                "node %s is gone (its connector properties are no longer in the %s store): terminating the "
+                "connection of volume %s by force",
+                node_id,
+                connector.store if connector else "",
+                volume_id,
+            )
+        for connection in mine:
+            volume.disconnect(connection, force=force)
 
 
 def _utcnow() -> datetime.datetime:

@@ -8,7 +8,14 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from mbs_csi import logs
 from mbs_csi.controller.operations import BackendOperations
 from mbs_csi.controller.pool import WorkerPool
-from mbs_csi.controller.records import NodeConnector, SnapshotRecord, VolumeCheck, VolumeRecord
+from mbs_csi.controller.records import (
+    NO_LIMITS,
+    AttachLimits,
+    NodeConnector,
+    SnapshotRecord,
+    VolumeCheck,
+    VolumeRecord,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,9 +86,15 @@ class BackendClient(BackendOperations):
         return self._call(BackendOperations.set_connector, node_id, properties)
 
     def publish_volume(
-        self, volume_id: str, node_id: str, readonly: bool, multi_node: bool, connector: NodeConnector
+        self,
+        volume_id: str,
+        node_id: str,
+        readonly: bool,
+        multi_node: bool,
+        connector: NodeConnector,
+        limits: AttachLimits = NO_LIMITS,
     ) -> dict[str, Any]:
-        return self._call(BackendOperations.publish_volume, volume_id, node_id, readonly, multi_node, connector)
+        return self._call(BackendOperations.publish_volume, volume_id, node_id, readonly, multi_node, connector, limits)
 
-    def unpublish_volume(self, volume_id: str, node_id: str | None) -> None:
-        return self._call(BackendOperations.unpublish_volume, volume_id, node_id)
+    def unpublish_volume(self, volume_id: str, node_id: str | None, connector: NodeConnector | None = None) -> None:
+        return self._call(BackendOperations.unpublish_volume, volume_id, node_id, connector)

@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
+from mbs_csi import errors
 from mbs_csi.config import Settings
 from mbs_csi.controller.operations import BackendOperations
 from mbs_csi.controller.records import DATABASE_STORE, NodeConnector
 from mbs_csi.node_annotations import NodeAnnotations, annotation_key
+
+log = logging.getLogger(__name__)
 
 
 class ConnectorStore(Protocol):
@@ -49,3 +53,13 @@ def connector_store(
     if settings.connector_store == DATABASE_STORE:
         return DatabaseConnectorStore(backend)
     return KubernetesConnectorStore(NodeAnnotations(annotation_key(settings.driver_name), settings.kubeconfig))
+
+
+def gone_or_present(store: ConnectorStore, node_id: str) -> NodeConnector | None:
+    """For an unpublish: where ``node_id``'s properties are (no properties: the node is gone), or None
+    when the store cannot be asked right now; the unpublish then goes ahead without force."""
+    try:
+        return store.connector(node_id)
+    except errors.CSIError as exc:
+        log.warning("cannot tell whether node %s still exists: %s", node_id, exc)
+        return None

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from mbs_csi.controller.records import NodeConnector, SnapshotRecord, VolumeCheck, VolumeRecord
+from mbs_csi.controller.records import (
+    NO_LIMITS,
+    AttachLimits,
+    NodeConnector,
+    SnapshotRecord,
+    VolumeCheck,
+    VolumeRecord,
+)
 
 
 class BackendOperations(Protocol):
@@ -68,14 +75,23 @@ class BackendOperations(Protocol):
         """Store a node's connector properties (``connector_store: database``)."""
 
     def publish_volume(
-        self, volume_id: str, node_id: str, readonly: bool, multi_node: bool, connector: NodeConnector
+        self,
+        volume_id: str,
+        node_id: str,
+        readonly: bool,
+        multi_node: bool,
+        connector: NodeConnector,
+        limits: AttachLimits = NO_LIMITS,
     ) -> dict[str, Any]:
         """The connection info of the volume for ``node_id``: the existing connection when there is one
         (AlreadyExists when its mode differs), a new one otherwise, unless the volume is published to
-        another node and ``multi_node`` is false (FailedPrecondition)."""
+        another node and ``multi_node`` is false (FailedPrecondition), or the node already has as many
+        volumes published as ``limits`` allow (ResourceExhausted)."""
 
-    def unpublish_volume(self, volume_id: str, node_id: str | None) -> None:
-        """Disconnect the volume from ``node_id`` (from every node when None); a missing volume is fine."""
+    def unpublish_volume(self, volume_id: str, node_id: str | None, connector: NodeConnector | None = None) -> None:
+        """Disconnect the volume from ``node_id`` (from every node when None); a missing volume is fine. When
+        ``connector`` shows the node gone (no connector properties in the store any more), the storage is
+        told to terminate the connection by force, so that it revokes the dead node's access."""
 
 
 # The operations a worker runs for the front: the public methods of the interface, and nothing else.

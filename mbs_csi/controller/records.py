@@ -81,3 +81,18 @@ class WorkerConfig:
     backends: tuple[BackendSpec, ...]
     secrets: tuple[str, ...]  # values to scrub from the worker's logs
     backend_timeout: float  # seconds a backend call may run (the worker bounds its database waits by it)
+
+
+@dataclass(frozen=True)
+class AttachLimits:
+    """How many volumes one node may have published (``max_volumes_per_node``): in all (``per_node``) and
+    of each backend (``per_backend``); 0 or absent: no limit."""
+
+    per_node: int = 0
+    per_backend: dict[str, int] = field(default_factory=dict)
+
+    def limited(self, backend: str) -> bool:
+        return bool(self.per_node or self.per_backend.get(backend))
+
+
+NO_LIMITS = AttachLimits()

@@ -71,6 +71,7 @@ _KINDS = {
 
 class Rows:
     def __init__(self, engine: sqlalchemy.engine.Engine, persistence: Any) -> None:
+        self.engine = engine
         self._engine = engine
         self._persistence = persistence  # cinderlib's DBPersistence
 

@@ -15,13 +15,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi import csi_pb2, csi_pb2_grpc
-from mbs_csi import errors
+from mbs_csi import alpha, errors
 from mbs_csi.capabilities import access, require
 from mbs_csi.config import Backend, Settings
 from mbs_csi.controller import validate
-from mbs_csi.controller.connector_store import ConnectorStore
+from mbs_csi.controller.connector_store import ConnectorStore, gone_or_present
 from mbs_csi.controller.operations import BackendOperations
-from mbs_csi.controller.records import GIB, SnapshotRecord, VolumeRecord
+from mbs_csi.controller.records import GIB, AttachLimits, SnapshotRecord, VolumeRecord
 from mbs_csi.inflight import DatabaseLocks, InFlight
 from mbs_csi.publish_context import to_publish_context
 
@@ -46,6 +46,12 @@ def _timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def attach_limits(settings: Settings) -> AttachLimits:
+    """The controller's own ``max_volumes_per_node`` (a node announces its limit to the CO, not to us)."""
+    per_backend = {b.name: b.max_volumes_per_node for b in settings.backends if b.max_volumes_per_node}
+    return AttachLimits(settings.max_volumes_per_node, per_backend)
 
 
 def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, token: str) -> tuple[list[T], str]:
@@ -75,6 +81,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.inflight = InFlight(DatabaseLocks(settings.database, settings.workers) if shared_database else None)
         self._stats: dict[str, tuple[float, dict[str, Any]]] = {}
         self._stats_lock = threading.Lock()
+        self.attach_limits = attach_limits(settings)
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -210,7 +217,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         connector = self.connectors.connector(request.node_id)
         with self.inflight.hold(f"volume:{request.volume_id}"):
             info = self.backend.publish_volume(
-                request.volume_id, request.node_id, request.readonly, wants.multi_node, connector
+                request.volume_id, request.node_id, request.readonly, wants.multi_node, connector, self.attach_limits
             )
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=to_publish_context(info))
 
@@ -219,8 +226,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerUnpublishVolumeResponse:
         validate.identifiers(request)
         require(request.volume_id, "volume_id")
+        connector = gone_or_present(self.connectors, request.node_id) if request.node_id else None
         with self.inflight.hold(f"volume:{request.volume_id}"):
-            self.backend.unpublish_volume(request.volume_id, request.node_id or None)
+            self.backend.unpublish_volume(request.volume_id, request.node_id or None, connector)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     def ValidateVolumeCapabilities(
@@ -306,6 +314,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             RPC.VOLUME_CONDITION,
             RPC.SINGLE_NODE_MULTI_WRITER,
         ]
+        rpcs = alpha.advertised(RPC.Type, rpcs, self.settings.alpha_capabilities)
         return csi_pb2.ControllerGetCapabilitiesResponse(
             capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in rpcs]
         )

@@ -10,7 +10,7 @@ import os
 import grpc
 
 from csi import csi_pb2, csi_pb2_grpc
-from mbs_csi import capabilities, errors
+from mbs_csi import alpha, capabilities, errors
 from mbs_csi.capabilities import mode_name, require, sharing_conflict
 from mbs_csi.config import Settings
 from mbs_csi.inflight import InFlight
@@ -113,6 +113,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             RPC.VOLUME_MOUNT_GROUP,
             RPC.SINGLE_NODE_MULTI_WRITER,
         ]
+        rpcs = alpha.advertised(RPC.Type, rpcs, self.settings.alpha_capabilities)
         return csi_pb2.NodeGetCapabilitiesResponse(
             capabilities=[csi_pb2.NodeServiceCapability(rpc=RPC(type=t)) for t in rpcs]
         )
