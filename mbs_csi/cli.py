@@ -52,6 +52,27 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
     check.set_defaults(func=_backend_check)
 
+    controller = sub.add_parser("controller", help="controller tools", description="Controller tools.")
+    controller_sub = controller.add_subparsers(dest="controller_command", metavar="COMMAND", required=True)
+    audit = controller_sub.add_parser(
+        "audit",
+        help="compare the storage, the database and the connector store, and list what does not match",
+        description="List volumes and snapshots on the storage without a record, records without storage, "
+        "connections to nodes that no longer exist and leftovers of interrupted creates. Exit code 0 when "
+        "nothing is found, 1 otherwise (after --fix: when something is left), 2 for a configuration error.",
+    )
+    audit.add_argument("--config", metavar="FILE", help=f"YAML or JSON config file (default: ${config.CONFIG_ENV})")
+    audit.add_argument("--state-dir", dest="state_dir", metavar="STATE_DIR", help="as for serve")
+    audit.add_argument("--database", metavar="DATABASE", help="as for serve")
+    audit.add_argument("--json", action="store_true", help="print JSON instead of text")
+    audit.add_argument(
+        "--fix",
+        action="store_true",
+        help="remove what is provably orphaned (leftovers, connections to gone nodes, finished deletes); "
+        "never a volume or snapshot on the storage",
+    )
+    audit.set_defaults(func=_controller_audit)
+
     node = sub.add_parser("node", help="node tools", description="Node tools.")
     node_sub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
     attachments = node_sub.add_parser(
@@ -107,6 +128,17 @@ def _backend_check(args: argparse.Namespace) -> int:
     reports = backend_check.check(settings, args.names)
     print(backend_check.render(reports, args.json))
     return 0 if all(r.ok for r in reports) else 1
+
+
+def _controller_audit(args: argparse.Namespace) -> int:
+    from mbs_csi.controller import audit
+
+    flags = {"state_dir": args.state_dir, "database": args.database}
+    settings = config.load_settings(args.config, os.environ, flags)
+    logs.setup("WARNING")
+    result = audit.run(settings, args.fix)
+    print(audit.render(result, args.json))
+    return 1 if result.findings else 0
 
 
 def _node_attachments(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ is tight) does not pay unless asked to.
 - ``mbs_csi_ready``: 1 while Probe answers ready, 0 while a dependency is unhealthy.
 - ``mbs_csi_backend_up{backend}`` (controller): 1 for each backend that initialised, 0 for one that did not
   (its error is in the log). Probe needs only the default backend; the others serve or fail on their own.
+- ``mbs_csi_audit_findings{kind}`` (controller, ``audit_interval`` > 0): what the last periodic audit
+  found, by kind (``controller/audit.py``); no samples until the first audit ends.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ Observer = Callable[[str, str, float], None]
 BackendErrors = Callable[[], dict[str, str | None]]
 
 
-def serve_metrics(endpoint: str, ready: Callable[[], bool], backend_errors: BackendErrors | None = None) -> Observer:
+AuditCounts = Callable[[], dict[str, int] | None]
+
+
+def serve_metrics(
+    endpoint: str,
+    ready: Callable[[], bool],
+    backend_errors: BackendErrors | None = None,
+    audit_counts: AuditCounts | None = None,
+) -> Observer:
     """Start the HTTP server on ``host:port`` (an empty host: every address) and return the function the
     interceptor calls after each RPC with (method, status code name, seconds)."""
     import prometheus_client
@@ -59,6 +69,19 @@ def serve_metrics(endpoint: str, ready: Callable[[], bool], backend_errors: Back
                 yield family
 
         registry.register(BackendUp())
+    if audit_counts is not None:
+        counts_now = audit_counts
+
+        class AuditFindings:
+            def collect(self) -> Iterator[Any]:
+                family = GaugeMetricFamily(
+                    "mbs_csi_audit_findings", "What the last periodic audit found, by kind", labels=["kind"]
+                )
+                for kind, count in sorted((counts_now() or {}).items()):
+                    family.add_metric([kind], float(count))
+                yield family
+
+        registry.register(AuditFindings())
     host, _, port = endpoint.rpartition(":")
     try:
         prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)

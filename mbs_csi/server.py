@@ -25,6 +25,7 @@ from mbs_csi.identity import IdentityService
 from mbs_csi.interceptor import RpcInterceptor
 
 if TYPE_CHECKING:
+    from mbs_csi.controller.audit import PeriodicAudit
     from mbs_csi.controller.pool import WorkerPool
     from mbs_csi.health_http import HealthServer
     from mbs_csi.node.connector_publisher import ConnectorPublisher, Publish
@@ -90,6 +91,7 @@ class Server:
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(settings, self.readiness), self._grpc)
         self.pool: WorkerPool | None = None
+        self._audit: PeriodicAudit | None = None
         self._publish_connector: Publish | None = None
         self._publisher: ConnectorPublisher | None = None
         self._health: HealthServer | None = None
@@ -115,6 +117,10 @@ class Server:
         if isinstance(store, DatabaseConnectorStore):
             self._publish_connector = store.publish  # role all: this process's node side publishes here
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, backend, store), self._grpc)
+        if settings.audit_interval > 0:
+            from mbs_csi.controller.audit import PeriodicAudit
+
+            self._audit = PeriodicAudit(settings, store)
 
     def _add_node(self) -> None:
         from mbs_csi.node.service import NodeService
@@ -145,7 +151,11 @@ class Server:
             from mbs_csi.metrics import serve_metrics
 
             backend_errors = self.pool.backend_errors if self.pool is not None else None
-            self.interceptor.observe = serve_metrics(self.settings.metrics_endpoint, self._ready, backend_errors)
+            audit = self._audit
+            audit_counts = (lambda: audit.counts) if audit is not None else None
+            self.interceptor.observe = serve_metrics(
+                self.settings.metrics_endpoint, self._ready, backend_errors, audit_counts
+            )
         if self.settings.health_endpoint:
             from mbs_csi.health_http import HealthServer
 
@@ -157,6 +167,8 @@ class Server:
         try:
             if self.pool is not None:
                 self.pool.start()
+            if self._audit is not None:
+                self._audit.start()
             if self.settings.runs_node:
                 self._start_node()
         except BaseException:
@@ -212,6 +224,8 @@ class Server:
         if self._publisher is not None:
             self._publisher.stop()
         self._grpc.stop(grace).wait()
+        if self._audit is not None:
+            self._audit.stop()
         if self._health is not None:
             self._health.stop()
         if self.pool is not None:

@@ -95,6 +95,11 @@ class KubeApiStandIn:
                 "status": {"nodeInfo": {"kubeletVersion": "v1.34.0"}},
             }
 
+    def remove_node(self, name: str) -> None:
+        """What ``kubectl delete node`` does to the object (its annotations go with it)."""
+        with self.lock:
+            del self.nodes[name]
+
     def annotations(self, name: str) -> dict[str, str]:
         with self.lock:
             return dict(self.nodes[name]["metadata"].get("annotations") or {})

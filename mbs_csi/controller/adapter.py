@@ -25,16 +25,22 @@ from cinder import exception as cinder_exception
 from cinderlib import objects
 
 from mbs_csi import errors
-from mbs_csi.controller import database, failures
+from mbs_csi.controller import database, failures, storage_audit
 from mbs_csi.controller.attach_limits import NodeSlots
 from mbs_csi.controller.backends import Backends, setup_cinderlib
 from mbs_csi.controller.cinder_records import snapshot_record, volume_record
 from mbs_csi.controller.operations import OPERATIONS, BackendOperations
 from mbs_csi.controller.records import (
+    CONNECTION_TO_MISSING_NODE,
     DATABASE_STORE,
     GIB,
     NO_LIMITS,
+    RECORD_WITHOUT_SNAPSHOT,
+    RECORD_WITHOUT_VOLUME,
+    TEMPORARY_LEFTOVER,
     AttachLimits,
+    AuditReport,
+    Finding,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -350,6 +356,39 @@ class Adapter(BackendOperations):
             )
         for connection in mine:
             volume.disconnect(connection, force=force)
+
+    # --- audit --------------------------------------------------------------------------------------
+
+    def audit(self, connector_store: str) -> AuditReport:
+        return storage_audit.audit(
+            self.backends, self.persistence, self.rows.engine, connector_store, self._stored_connector
+        )
+
+    def fix_findings(self, findings: list[Finding], connector_store: str) -> list[str]:
+        """Remove what ``findings`` show provably orphaned, each checked again here first."""
+        fixed = []
+        for finding in findings:
+            if not finding.fixable:
+                continue
+            if finding.kind == TEMPORARY_LEFTOVER:
+                removed: list[str] = getattr(self.backends.get(finding.backend).driver, "remove_leftovers", list)()
+                fixed += [f"removed {name}" for name in removed]
+            elif finding.kind == CONNECTION_TO_MISSING_NODE:
+                connector = NodeConnector(connector_store)  # the front checked the kubernetes store just now
+                if self.node_gone(finding.node_id, connector):
+                    self.unpublish_volume(finding.volume_id, finding.node_id, connector)
+                    fixed.append(f"terminated the connection of volume {finding.volume_id} to node {finding.node_id}")
+            elif finding.kind == RECORD_WITHOUT_VOLUME:
+                volume = self.rows.volume(finding.name)
+                if volume is not None and volume.status in storage_audit.DELETING:
+                    self._destroy_volume(volume)
+                    fixed.append(f"finished deleting volume {finding.name}")
+            elif finding.kind == RECORD_WITHOUT_SNAPSHOT:
+                snapshot = self.rows.snapshot(finding.name)
+                if snapshot is not None and snapshot.status in storage_audit.DELETING:
+                    self._destroy_snapshot(snapshot)
+                    fixed.append(f"finished deleting snapshot {finding.name}")
+        return sorted(set(fixed))
 
 
 def _utcnow() -> datetime.datetime:

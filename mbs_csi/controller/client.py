@@ -11,6 +11,8 @@ from mbs_csi.controller.pool import WorkerPool
 from mbs_csi.controller.records import (
     NO_LIMITS,
     AttachLimits,
+    AuditReport,
+    Finding,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -98,3 +100,9 @@ class BackendClient(BackendOperations):
 
     def unpublish_volume(self, volume_id: str, node_id: str | None, connector: NodeConnector | None = None) -> None:
         return self._call(BackendOperations.unpublish_volume, volume_id, node_id, connector)
+
+    def audit(self, connector_store: str) -> AuditReport:
+        return self._call(BackendOperations.audit, connector_store)
+
+    def fix_findings(self, findings: list[Finding], connector_store: str) -> list[str]:
+        return self._call(BackendOperations.fix_findings, findings, connector_store)

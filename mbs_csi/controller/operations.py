@@ -15,6 +15,8 @@ from typing import Any, Protocol
 from mbs_csi.controller.records import (
     NO_LIMITS,
     AttachLimits,
+    AuditReport,
+    Finding,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -92,6 +94,14 @@ class BackendOperations(Protocol):
         """Disconnect the volume from ``node_id`` (from every node when None); a missing volume is fine. When
         ``connector`` shows the node gone (no connector properties in the store any more), the storage is
         told to terminate the connection by force, so that it revokes the dead node's access."""
+
+    # --- audit --------------------------------------------------------------------------------------
+
+    def audit(self, connector_store: str) -> AuditReport:
+        """Compare the storage of every backend with the database (see ``storage_audit.py``)."""
+
+    def fix_findings(self, findings: list[Finding], connector_store: str) -> list[str]:
+        """Remove what the fixable ``findings`` name, each checked again first; what was done."""
 
 
 # The operations a worker runs for the front: the public methods of the interface, and nothing else.

@@ -96,3 +96,42 @@ class AttachLimits:
 
 
 NO_LIMITS = AttachLimits()
+
+
+# The kinds of audit finding (``mbs-csi controller audit``, metric ``mbs_csi_audit_findings{kind}``).
+VOLUME_WITHOUT_RECORD = "volume_without_record"  # on the storage, named like ours, no row
+SNAPSHOT_WITHOUT_RECORD = "snapshot_without_record"
+RECORD_WITHOUT_VOLUME = "record_without_volume"  # a row whose volume the storage does not have
+RECORD_WITHOUT_SNAPSHOT = "record_without_snapshot"
+CONNECTION_TO_MISSING_NODE = "connection_to_missing_node"  # published to a node whose connector is gone
+TEMPORARY_LEFTOVER = "temporary_leftover"  # a crashed create's temp file (loopback's ``.tmp-*``)
+FINDING_KINDS = (
+    VOLUME_WITHOUT_RECORD,
+    SNAPSHOT_WITHOUT_RECORD,
+    RECORD_WITHOUT_VOLUME,
+    RECORD_WITHOUT_SNAPSHOT,
+    CONNECTION_TO_MISSING_NODE,
+    TEMPORARY_LEFTOVER,
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # one of FINDING_KINDS
+    backend: str
+    name: str  # the storage name, or the id of the record
+    detail: str
+    fixable: bool = False  # provably orphaned: ``--fix`` removes it
+    volume_id: str = ""
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What one audit found; ``publications`` (volume id, node id, backend) for the front to check against the
+    Kubernetes connector store (the worker checks the database store itself); ``skipped``: checks that
+    could not run, and why."""
+
+    findings: tuple[Finding, ...] = ()
+    publications: tuple[tuple[str, str, str], ...] = ()
+    skipped: tuple[str, ...] = ()

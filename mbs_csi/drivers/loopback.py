@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from cinder import coordination, exception
-from cinder.volume import configuration, driver
+from cinder.volume import configuration, driver, volume_utils
 from oslo_config import cfg
 
 LOG = logging.getLogger(__name__)
@@ -69,6 +69,12 @@ loopback_opts = [
         "loopback_dir",
         help="Directory holding the volume and snapshot files (created if missing). Required. Its "
         "filesystem's capacity is the backend's capacity.",
+    ),
+    cfg.BoolOpt(
+        "loopback_remove_interrupted_at_start",
+        default=True,
+        help="Remove the temp files of interrupted creates and copies when the backend starts. The audit "
+        "(``mbs-csi controller audit``) starts its worker without it, to report them before removing any.",
     ),
 ]
 
@@ -229,19 +235,32 @@ class LoopbackDriver(driver.VolumeDriver):
             raise _fail(f"loopback_dir {self.loopback_dir} is not writable: {exc.strerror}") from exc
         if not Path("/dev/loop-control").exists():
             raise _fail("/dev/loop-control is missing: this host (or container) cannot create loop devices")
-        self._remove_interrupted()
+        if self.configuration.safe_get("loopback_remove_interrupted_at_start") is not False:
+            self.remove_leftovers()
 
-    def _remove_interrupted(self) -> None:
-        """Remove the temp files that crashed creates and copies left: those whose lock is free. A live
-        process writing one holds its lock: its file stays."""
-        for tmp in self.loopback_dir.glob(f"{TMP_PREFIX}*"):
+    def _interrupted(self, remove: bool) -> list[str]:
+        """The temp files that crashed creates and copies left: those whose lock is free (a live process
+        writing one holds its lock: its file stays); removed when ``remove``."""
+        found = []
+        for tmp in sorted(self.loopback_dir.glob(f"{TMP_PREFIX}*")):
             name = tmp.name.removeprefix(TMP_PREFIX)
             # Lock files are removed by glob pattern: a name that is one is not ours to lock.
             if not name or name.startswith(".") or glob.escape(name) != name:
                 continue
             with self._lock(name, blocking=False) as held:
-                if held:
-                    self._remove_tmp(name)
+                if held and tmp.exists():
+                    found.append(tmp.name)
+                    if remove:
+                        self._remove_tmp(name)
+        return found
+
+    def leftovers(self) -> list[str]:
+        """The ``.tmp-*`` files crashed creates and copies left (provably abandoned: nobody holds their lock)."""
+        return self._interrupted(remove=False)
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove :meth:`leftovers`; returns what was removed."""
+        return self._interrupted(remove=True)
 
     # -- paths -----------------------------------------------------------------------------------------
 
@@ -375,6 +394,56 @@ class LoopbackDriver(driver.VolumeDriver):
         if not path.is_file():
             raise exception.ManageExistingInvalidReference(existing_ref=existing_ref, reason=f"{path} does not exist")
         return -(-path.stat().st_size // GiB)
+
+    def _manageable(self, prefix: str, known: list[Any], extract: Any) -> list[dict[str, Any]]:
+        ids = {resource["id"] for resource in known}
+        found = []
+        with os.scandir(self.loopback_dir) as entries:
+            for entry in entries:
+                if not entry.name.startswith(prefix) or not entry.is_file(follow_symlinks=False):
+                    continue
+                resource_id = extract(entry.name)
+                found.append(
+                    {
+                        "reference": {"source-name": entry.name},
+                        "size": -(-entry.stat(follow_symlinks=False).st_size // GiB),
+                        "cinder_id": resource_id if resource_id in ids else None,
+                        "safe_to_manage": resource_id not in ids,
+                        "reason_not_safe": "already managed" if resource_id in ids else None,
+                        "extra_info": None,
+                    }
+                )
+        return found
+
+    def get_manageable_volumes(
+        self,
+        cinder_volumes: list[Any],
+        marker: Any,
+        limit: int,
+        offset: int,
+        sort_keys: list[str],
+        sort_dirs: list[str],
+    ) -> list[dict[str, Any]]:
+        """The volume files in ``loopback_dir`` (Cinder's manage API; the audit lists the storage with it)."""
+        found = self._manageable(
+            cfg.CONF.volume_name_template % "", cinder_volumes, volume_utils.extract_id_from_volume_name
+        )
+        return volume_utils.paginate_entries_list(found, marker, limit, offset, sort_keys, sort_dirs)
+
+    def get_manageable_snapshots(
+        self,
+        cinder_snapshots: list[Any],
+        marker: Any,
+        limit: int,
+        offset: int,
+        sort_keys: list[str],
+        sort_dirs: list[str],
+    ) -> list[dict[str, Any]]:
+        """The snapshot files in ``loopback_dir`` (snapshots are files of their own, with no parent image)."""
+        found = self._manageable(
+            cfg.CONF.snapshot_name_template % "", cinder_snapshots, volume_utils.extract_id_from_snapshot_name
+        )
+        return volume_utils.paginate_entries_list(found, marker, limit, offset, sort_keys, sort_dirs)
 
     # -- exports and connections ----------------------------------------------------------------------
 
