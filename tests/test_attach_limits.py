@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import yaml
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
-from mbs_csi import alpha
+from mbs_csi import alpha, config, errors
 from testkit.controller import ControllerUnderTest, controller_on, unique
 from testkit.csi_requests import create_request, mount_cap
 from testkit.rpc import rpc_error
@@ -190,3 +191,37 @@ def test_alpha_capabilities_are_advertised_by_default(ctl):
         c.rpc.type for c in ctl.stub.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest()).capabilities
     }
     assert RPC.GET_SNAPSHOT in listed and RPC.GET_VOLUME in listed
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+
+def test_the_limit_and_the_alpha_switch_are_read_from_file_env_and_flags(tmp_path):
+    path = tmp_path / "mbs.yaml"
+    backend = {"name": "b", "volume_driver": "x.Driver", "max_volumes_per_node": 3}
+    path.write_text(yaml.safe_dump({"max_volumes_per_node": 8, "alpha_capabilities": False, "backends": [backend]}))
+    settings = config.load_settings(str(path), env={})
+    assert (settings.max_volumes_per_node, settings.alpha_capabilities) == (8, False)
+    assert settings.backends[0].max_volumes_per_node == 3
+    assert config.load_settings(env={"MBS_CSI_ALPHA_CAPABILITIES": "false"}).alpha_capabilities is False
+    assert config.load_settings(flags={"alpha_capabilities": "yes"}).alpha_capabilities is True
+    assert config.load_settings(env={}).alpha_capabilities is True
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"alpha_capabilities": "no"}, "alpha_capabilities"),  # a string in a file: not a boolean
+        ({"backends": [{"name": "b", "volume_driver": "x.D", "max_volumes_per_node": -1}]}, "max_volumes_per_node"),
+        ({"backends": [{"name": "b", "volume_driver": "x.D", "max_volumes_per_node": True}]}, "max_volumes_per_node"),
+        ({"audit_interval": -5}, "audit_interval"),
+    ],
+)
+def test_bad_values_are_configuration_errors(tmp_path, settings, key):
+    path = tmp_path / "mbs.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(errors.ConfigError, match=key):
+        config.load_settings(str(path), env={})
+    if key == "alpha_capabilities":
+        with pytest.raises(errors.ConfigError, match="true or false"):
+            config.load_settings(env={"MBS_CSI_ALPHA_CAPABILITIES": "perhaps"})
