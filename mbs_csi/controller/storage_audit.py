@@ -9,7 +9,9 @@ skipped), and only names made from cinder's templates with a UUID in them (``vol
 Order matters, because creates and deletes go on while the audit runs: the storage is listed *first*,
 and the rows read after. A create records its row before the storage makes anything, so whatever the
 listing saw has its row by the time the rows are read; rows newer than the audit's start, and rows
-still ``creating``, are not compared at all.
+still ``creating``, are not compared at all. A delete removes the storage before the row, and a create
+may finish between the listing and the reading: what the first look finds is looked at once more, and
+only what both looks show is reported.
 """
 
 from __future__ import annotations
@@ -78,6 +80,24 @@ def audit(
     connector_store: str,
     stored_connector: Callable[[str], dict[str, Any] | None],
 ) -> AuditReport:
+    """Storage against records (twice when the first look finds something: see :func:`_confirmed`),
+    leftovers, and the publications."""
+    findings, skipped = _storage_against_records(backends, persistence)
+    if findings:
+        findings = _confirmed(findings, _storage_against_records(backends, persistence)[0])
+    report_nodes, publications = _publications(engine, connector_store, stored_connector)
+    return AuditReport(tuple(findings + report_nodes), tuple(publications), tuple(skipped))
+
+
+def _confirmed(first: list[Finding], second: list[Finding]) -> list[Finding]:
+    """The findings of the first look that the second still shows. A create or a delete running while the
+    storage was listed and the rows read can look like an orphan for that moment (a delete removes the
+    storage, then the row); it no longer does a look later."""
+    again = {(f.kind, f.backend, f.name) for f in second}
+    return [f for f in first if (f.kind, f.backend, f.name) in again]
+
+
+def _storage_against_records(backends: Backends, persistence: Any) -> tuple[list[Finding], list[str]]:
     started = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     findings: list[Finding] = []
     skipped: list[str] = []
@@ -108,8 +128,7 @@ def audit(
         )
         own_snapshots = [s for s in snapshots if backend_of_volume.get(s.volume_id) == name]
         findings += _compare(name, "snapshot", snapshots_on_storage, own_snapshots, snapshots, started)
-    report_nodes, publications = _publications(engine, connector_store, stored_connector)
-    return AuditReport(tuple(findings + report_nodes), tuple(publications), tuple(skipped))
+    return findings, skipped
 
 
 def _compare(
