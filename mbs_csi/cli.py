@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from mbs_csi import __version__, config, logs, secrets
-from mbs_csi.errors import ConfigError, EndpointError
+from mbs_csi.errors import ConfigError, CSIError, EndpointError
 
 CSI_SPEC_VERSION = "1.12.0"
 EXIT_CONFIG = 2
@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
         help="compare the storage, the database and the connector store, and list what does not match",
         description="List volumes and snapshots on the storage without a record, records without storage, "
         "connections to nodes that no longer exist and leftovers of interrupted creates. Exit code 0 when "
-        "nothing is found, 1 otherwise (after --fix: when something is left), 2 for a configuration error.",
+        "nothing is found, 1 otherwise (after --fix: when something is left; or when it could not run), 2 for a "
+        "configuration error.",
     )
     audit.add_argument("--config", metavar="FILE", help=f"YAML or JSON config file (default: ${config.CONFIG_ENV})")
     audit.add_argument("--state-dir", dest="state_dir", metavar="STATE_DIR", help="as for serve")
@@ -136,7 +137,11 @@ def _controller_audit(args: argparse.Namespace) -> int:
     flags = {"state_dir": args.state_dir, "database": args.database}
     settings = config.load_settings(args.config, os.environ, flags)
     logs.setup("WARNING")
-    result = audit.run(settings, args.fix)
+    try:
+        result = audit.run(settings, args.fix)
+    except CSIError as exc:  # the database, the API server or the worker could not be reached
+        print(f"mbs-csi: the audit could not run: {secrets.scrub(str(exc))}", file=sys.stderr)
+        return 1
     print(audit.render(result, args.json))
     return 1 if result.findings else 0
 

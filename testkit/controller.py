@@ -63,6 +63,8 @@ class ControllerUnderTest:
             "state_dir": str(self.state),
             "backend_workers": 2,
             "backends": backends or [loopback_backend(self.loopback)],
+            # No periodic audit unless a test asks: its worker would be one more child of the front.
+            "audit_interval": 0,
             **(extra or {}),
         }
         if database:

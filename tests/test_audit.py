@@ -3,7 +3,6 @@ loopback backend and in the real database (SQLite and PostgreSQL) of a running c
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -13,11 +12,10 @@ import sqlalchemy
 from csi import csi_pb2 as pb
 from testkit.controller import ControllerUnderTest, controller_on, unique
 from testkit.csi_requests import create_request, mount_cap
-from testkit.driver import run_cli
 from testkit.host import free_port
 from testkit.http import scrape
 from testkit.wait import wait_until
-from tests.test_node_loss import forget_connector
+from tests.test_node_loss import audit, by_kind, forget_connector
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -30,19 +28,6 @@ def ctl(request):
 def all_workers_up(ctl: ControllerUnderTest) -> None:
     """Every backend worker started: a worker starting removes the loopback leftovers it finds."""
     wait_until(lambda: len(ctl.ready_worker_pids()) == ctl.settings.backend_workers, 60, ctl.driver.log)
-
-
-def audit(ctl: ControllerUnderTest, *flags: str) -> tuple[int, dict]:
-    done = run_cli("controller", "audit", "--config", str(ctl.config_path), "--json", *flags, timeout=180)
-    assert done.returncode in (0, 1), done.stderr
-    return done.returncode, json.loads(done.stdout)
-
-
-def by_kind(report: dict) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for finding in report["findings"]:
-        found.setdefault(finding["kind"], set()).add(finding["name"])
-    return found
 
 
 def execute(ctl: ControllerUnderTest, sql: str, **parameters: str) -> None:
@@ -129,9 +114,11 @@ def test_audit_lists_planted_orphans_and_fixes_only_the_provable_ones(ctl):
 
 def test_the_controller_audits_periodically_and_exports_the_counts():
     port = free_port()
-    ctl = ControllerUnderTest(None, {"audit_interval": 1, "metrics_endpoint": f"127.0.0.1:{port}"})
+    # One backend worker, ready before the driver is: no worker starts later (a starting worker removes the
+    # loopback leftovers it finds) but the audit's own, which keeps them.
+    extra = {"audit_interval": 1, "metrics_endpoint": f"127.0.0.1:{port}", "backend_workers": 1}
+    ctl = ControllerUnderTest(None, extra)
     try:
-        all_workers_up(ctl)
         key = 'mbs_csi_audit_findings{kind="temporary_leftover"}'
         wait_until(lambda: scrape(port).get(key) == 0.0, 60, lambda: f"{scrape(port)}; {ctl.driver.log()}")
         leftover = plant_file(ctl.loopback, f".tmp-volume-{uuid.uuid4()}")

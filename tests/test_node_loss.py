@@ -6,6 +6,7 @@ mounts), SQLite and a real PostgreSQL; the Kubernetes API is the stand-in of tes
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,23 @@ from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
 from testkit.controller import ControllerUnderTest, controller_on, unique
 from testkit.csi_requests import create_request, mount_cap
+from testkit.driver import run_cli
 from testkit.wait import wait_until
 from tests.kube_standin import KubeApiStandIn
+
+
+def audit(ctl: ControllerUnderTest, *flags: str) -> tuple[int, dict]:
+    """``mbs-csi controller audit --json`` on the controller's configuration: (exit code, report)."""
+    done = run_cli("controller", "audit", "--config", str(ctl.config_path), "--json", *flags, timeout=180)
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def by_kind(report: dict) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for finding in report["findings"]:
+        found.setdefault(finding["kind"], set()).add(finding["name"])
+    return found
 
 
 def forced(store: str, volume_id: str) -> str:
@@ -119,12 +135,15 @@ def test_non_graceful_node_shutdown_force_detaches_a_volume_the_node_never_unsta
         assert mounted(staging)
 
         api.remove_node(node)  # the node is gone; its plugin never unstages
+        code, report = audit(ctl)  # the audit sees it through the Kubernetes API
+        assert code == 1 and by_kind(report) == {"connection_to_missing_node": {f"{volume_id}@{node}"}}
         unpublish(ctl, volume_id, node)
         assert published_nodes(ctl, volume_id) == []
         assert forced("kubernetes", volume_id) in ctl.driver.log()
         # The CO may attach the volume to another node now (loopback: the same host, a new loop device).
         assert publish(ctl, volume_id, "new-node")["device_path"] != context["device_path"]
         unpublish(ctl, volume_id, "new-node")
+        assert audit(ctl)[0] == 0
         assert forced("kubernetes", volume_id) not in ctl.driver.log().split("new-node")[-1]
 
         nodes.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(staging)))

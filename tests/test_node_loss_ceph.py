@@ -14,9 +14,8 @@ from testkit.controller import ControllerUnderTest, unique
 from testkit.csi_requests import create_request
 from testkit.rpc import rpc_error
 from tests.test_attach_limits import publish_request
-from tests.test_audit import audit, by_kind
 from tests.test_controller_ceph import rbd_backend
-from tests.test_node_loss import forced, forget_connector, published_nodes, unpublish
+from tests.test_node_loss import audit, by_kind, forced, forget_connector, published_nodes, unpublish
 
 LIMIT = 2
 

@@ -30,9 +30,9 @@ from typing import Any
 
 from mbs_csi import config, errors, secrets
 from mbs_csi.config import Settings
-from mbs_csi.controller.connector_store import ConnectorStore, connector_store
+from mbs_csi.controller.connector_store import ConnectorStore, connector_store, gone_or_present
 from mbs_csi.controller.operations import BackendOperations
-from mbs_csi.controller.records import CONNECTION_TO_MISSING_NODE, FINDING_KINDS, Finding
+from mbs_csi.controller.records import CONNECTION_TO_MISSING_NODE, DATABASE_STORE, FINDING_KINDS, Finding
 from mbs_csi.controller.storage_audit import missing_node_finding
 
 log = logging.getLogger(__name__)
@@ -69,21 +69,26 @@ def audit_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, backends=backends)
 
 
-def _gone(store: ConnectorStore, node_id: str) -> bool:
-    return store.connector(node_id).properties is None
+def _gone(store: ConnectorStore, node_id: str) -> bool | None:
+    """Whether the node's connector properties are gone from the store; None when it cannot tell."""
+    connector = gone_or_present(store, node_id)
+    return None if connector is None else connector.properties is None
 
 
 def find(backend: BackendOperations, store: ConnectorStore, store_kind: str) -> AuditResult:
     """One audit: one round trip to the worker, and one connector store lookup per published node."""
     report = backend.audit(store_kind)
     findings = list(report.findings)
-    gone: dict[str, bool] = {}
+    skipped = list(report.skipped)
+    gone: dict[str, bool | None] = {}
     for volume_id, node, backend_name in report.publications:
         if node not in gone:
             gone[node] = _gone(store, node)
+            if gone[node] is None:
+                skipped.append(f"node {node}: the {store_kind} connector store cannot tell whether it still exists")
         if gone[node]:
             findings.append(missing_node_finding(backend_name, volume_id, node, store_kind))
-    return AuditResult(findings, list(report.skipped))
+    return AuditResult(findings, skipped)
 
 
 def fix(backend: BackendOperations, store: ConnectorStore, store_kind: str, found: AuditResult) -> AuditResult:
@@ -91,7 +96,8 @@ def fix(backend: BackendOperations, store: ConnectorStore, store_kind: str, foun
     fixable = [
         f
         for f in found.findings
-        if f.fixable and (f.kind != CONNECTION_TO_MISSING_NODE or store_kind == "database" or _gone(store, f.node_id))
+        if f.fixable
+        and (f.kind != CONNECTION_TO_MISSING_NODE or store_kind == DATABASE_STORE or _gone(store, f.node_id))
     ]
     fixed = backend.fix_findings(fixable, store_kind) if fixable else []
     after = find(backend, store, store_kind)
@@ -119,7 +125,7 @@ def run(settings: Settings, with_fix: bool) -> AuditResult:
 
 def render(result: AuditResult, as_json: bool) -> str:
     if as_json:
-        return json.dumps(result.as_dict(), indent=2)
+        return secrets.scrub(json.dumps(result.as_dict(), indent=2))
     lines = [f"fixed: {done}" for done in result.fixed]
     for finding in result.findings:
         lines.append(f"{finding.kind}: backend {finding.backend}: {finding.name}: {finding.detail}")
