@@ -113,7 +113,8 @@ def _node_attachments(args: argparse.Namespace) -> int:
     from mbs_csi.node import attachments
 
     settings = config.load_settings(args.config, os.environ, {"state_dir": args.state_dir})
-    print(attachments.render(attachments.list_attachments(settings.state_dir), args.json))
+    state_dir = settings.state_dir
+    print(attachments.render(attachments.list_attachments(state_dir), attachments.last_start(state_dir), args.json))
     return 0
 
 
