@@ -4,6 +4,7 @@ real PostgreSQL), and the means to register nodes' connector properties the way 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import uuid
@@ -113,13 +114,14 @@ class ControllerUnderTest:
         return loop.devices_under(self.loopback)
 
     def ready_worker_pids(self) -> list[int]:
-        """Workers that finished starting (the pool logs each one), still running."""
-        logged = {
-            int(line.rsplit("backend worker ", 1)[1].split()[0])
-            for line in self.driver.log().splitlines()
-            if line.endswith(" ready") and "backend worker" in line
-        }
-        return sorted(logged & set(self.worker_pids()))
+        """Workers that finished starting (the pool logs each one) and were not reported dead since, still
+        running. The last line naming a pid decides: pids are reused (``pid_max`` may be as low as 32768),
+        so a worker starting now may carry the pid of one that was ready before."""
+        ready: dict[int, bool] = {}
+        for line in self.driver.log().splitlines():
+            for pid in re.findall(r"backend worker (\d+)|\(worker (\d+) ", line):
+                ready[int(pid[0] or pid[1])] = line.endswith(" ready")
+        return sorted({pid for pid, is_ready in ready.items() if is_ready} & set(self.worker_pids()))
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.driver.proc.pid)], capture_output=True, text=True)
