@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
-from tests.test_controller_ceph import rbd_backend
+from testkit import audit, faults
+from testkit.audit import Audit
 from testkit.controller import ControllerUnderTest, controller_on, unique
 from testkit.csi_requests import GIB, create_request
 from testkit.rpc import rpc_error
+from testkit.wait import wait_until
+from tests.test_controller_ceph import rbd_backend
 
 Code = grpc.StatusCode
 LOOSE = {"consistency": "loose"}
@@ -69,9 +73,7 @@ class Groups:
             self.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", "postgresql", pytest.param("ceph", marks=pytest.mark.slow)]
-)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", pytest.param("ceph", marks=pytest.mark.slow)])
 def groups(request) -> Iterator[Groups]:
     if request.param == "ceph":
         ceph = request.getfixturevalue("ceph")
@@ -160,12 +162,12 @@ def test_group_snapshot_create_get_restore_and_delete(groups):
     assert restored.content_source.snapshot.snapshot_id == member.snapshot_id and restored.capacity_bytes == GIB
 
     # a member goes with its group, and holds its volume
-    assert rpc_error(
-        groups.stub.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=member.snapshot_id)
-    ).code() == (Code.FAILED_PRECONDITION)
-    assert rpc_error(
-        groups.stub.DeleteVolume, pb.DeleteVolumeRequest(volume_id=volumes[0])
-    ).code() == (Code.FAILED_PRECONDITION)
+    assert rpc_error(groups.stub.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=member.snapshot_id)).code() == (
+        Code.FAILED_PRECONDITION
+    )
+    assert rpc_error(groups.stub.DeleteVolume, pb.DeleteVolumeRequest(volume_id=volumes[0])).code() == (
+        Code.FAILED_PRECONDITION
+    )
     # the members named must be the group's
     wrong = rpc_error(groups.delete, taken.group_snapshot_id, [*member_ids[:2], "not-a-member"])
     assert wrong.code() == Code.INVALID_ARGUMENT
@@ -232,3 +234,78 @@ def test_group_snapshot_argument_checks(loop_groups):
     loop_groups.delete_volumes(volumes)
     assert loop_groups.ctl.backend_volume_files() == []
 
+
+# --- kill -9 in the middle of a group snapshot -------------------------------------------------------
+
+FILLED_BYTES = 200 * 1024**2  # written in each source volume, so that each member copy takes a moment
+RETRY_TIMEOUT = 120.0
+
+
+@pytest.fixture
+def fault_ctl() -> Iterator[ControllerUnderTest]:
+    ctl = ControllerUnderTest(None, extra={"backend_workers": 2, "backend_timeout": 60, "grace_period": 5})
+    try:
+        yield ctl
+    finally:
+        ctl.close()
+
+
+def _retried(call, *args):
+    """``call`` repeated, as the CO does, while the controller restarts or replaces a worker."""
+
+    def attempt():
+        try:
+            return call(*args)
+        except grpc.RpcError as exc:
+            if exc.code() in (Code.UNAVAILABLE, Code.ABORTED, Code.INTERNAL, Code.DEADLINE_EXCEEDED):
+                return None
+            raise
+
+    return wait_until(attempt, RETRY_TIMEOUT, f"{call.__name__} to succeed", interval=0.5)
+
+
+@pytest.mark.parametrize("victim", ["worker", "front"])
+def test_a_group_snapshot_cut_short_by_a_kill_is_finished_by_its_retry_and_leaks_nothing(fault_ctl, victim):
+    ctl = fault_ctl
+    groups = Groups(ctl)
+    volumes = groups.volumes(3)
+    for volume_id in volumes:
+        with ctl.volume_file(volume_id).open("r+b") as file:
+            for _ in range(FILLED_BYTES // (4 * 1024**2)):
+                file.write(b"\x5a" * 4 * 1024**2)
+    name = unique("group")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(groups.create, name, volumes)
+        # a member on the storage already and the next one being copied: the group is half taken
+        copying = wait_until(
+            lambda: list(ctl.loopback.glob("snapshot-*")) and faults.copying_workers(ctl), 60, "a member copy"
+        )
+        if victim == "worker":
+            faults.kill(copying[0])
+        else:
+            killed = faults.kill_front(ctl)
+        failed = first.exception(timeout=RETRY_TIMEOUT)
+    findings = Audit()
+    if victim == "front":
+        assert isinstance(failed, grpc.RpcError)
+        faults.restart(ctl, killed, findings, 1)
+        groups = Groups(ctl)
+        # what the kill left: a group snapshot recorded as being made, and part of it on the storage
+        left = audit.live_rows(ctl.state / "mbs-csi.sqlite")
+        assert [r for r in left if r.startswith("group_snapshots") and "'creating'" in r], left
+    # after a worker's death the pool tries the call once more on another worker: that is the retry then
+    taken = first.result() if failed is None else _retried(groups.create, name, volumes)
+    assert "removing leftover group snapshot" in ctl.driver.log()
+    assert sorted(s.source_volume_id for s in taken.snapshots) == sorted(volumes) and taken.ready_to_use
+    member_ids = sorted(s.snapshot_id for s in taken.snapshots)
+    # the killed attempt's snapshots are gone, from the storage and the database: only the retry's are left
+    assert sorted(p.name for p in ctl.loopback.glob("snapshot-*")) == sorted(f"snapshot-{i}" for i in member_ids)
+    rows = audit.live_rows(ctl.state / "mbs-csi.sqlite")
+    assert len([r for r in rows if r.startswith("group_snapshots")]) == 1
+    assert len([r for r in rows if r.startswith("snapshots ")]) == 3
+
+    groups.delete(taken.group_snapshot_id, member_ids)
+    groups.delete_volumes(volumes)
+    ctl.driver.stop()
+    findings.orphans(ctl.state / "mbs-csi.sqlite", ctl.loopback, ctl.workdir)
+    assert not findings.failed_checks(), findings.report()
