@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import yaml
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc
@@ -24,6 +25,7 @@ from tests.test_controller_ceph import rbd_backend
 
 Code = grpc.StatusCode
 LOOSE = {"consistency": "loose"}
+JOURNAL = "group-calls.jsonl"  # tests/group_driver.py's journal (not imported here: it loads cinder)
 
 
 class Groups:
@@ -309,3 +311,40 @@ def test_a_group_snapshot_cut_short_by_a_kill_is_finished_by_its_retry_and_leaks
     ctl.driver.stop()
     findings.orphans(ctl.state / "mbs-csi.sqlite", ctl.loopback, ctl.workdir)
     assert not findings.failed_checks(), findings.report()
+
+
+# --- a driver with group snapshots of its own --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def group_driver_ctl() -> Iterator[Groups]:
+    ctl = ControllerUnderTest(None)
+    try:
+        settings = yaml.safe_load(ctl.config_path.read_text())
+        settings["backends"][0]["volume_driver"] = "tests.group_driver.GroupLoopbackDriver"
+        ctl.config_path.write_text(yaml.safe_dump(settings))
+        ctl.restart()
+        yield Groups(ctl)
+    finally:
+        ctl.close()
+
+
+def test_a_driver_with_its_own_group_snapshots_is_used_and_needs_no_loose_consistency(group_driver_ctl):
+    groups, ctl = group_driver_ctl, group_driver_ctl.ctl
+    volumes = groups.volumes(2)
+    taken = groups.create(unique("group"), volumes, {})  # strict: the driver reports consistent group snapshots
+    member_ids = sorted(s.snapshot_id for s in taken.snapshots)
+    assert taken.ready_to_use and sorted(s.source_volume_id for s in taken.snapshots) == sorted(volumes)
+    groups.delete(taken.group_snapshot_id, member_ids)
+    groups.delete_volumes(volumes)
+    calls = [json.loads(line) for line in (ctl.state / JOURNAL).read_text().splitlines()]
+    assert [c["call"] for c in calls] == [
+        "create_group",
+        "update_group",
+        "create_group_snapshot",
+        "delete_group_snapshot",
+        "delete_group",
+    ]
+    assert calls[1]["add"] == sorted(volumes) and calls[2]["group_snapshot"] == taken.group_snapshot_id
+    assert calls[3]["snapshots"] == 2 and calls[4]["volumes"] == 0  # the group's volumes are never deleted
+    assert ctl.backend_volume_files() == [] and list(ctl.loopback.glob("snapshot-*")) == []
