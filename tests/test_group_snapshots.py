@@ -59,16 +59,17 @@ class Groups:
         return [e.snapshot for e in entries]
 
     def storage_snapshots(self, volume_id: str) -> list[str]:
-        """The snapshots the storage holds of ``volume_id``: snapshot files (loopback) or RBD snapshots."""
+        """The snapshots the storage holds of ``volume_id``: RBD snapshots of its image (Ceph), or the
+        loopback's snapshot files the controller lists as of that volume, and any file it does not list (a
+        leak, whatever its volume)."""
         if self.ceph is None:
-            return sorted(p.name for p in self.ctl.loopback.glob("snapshot-*") if volume_id in self._owner(p.name))
+            return sorted(p.name for p in self.ctl.loopback.glob("snapshot-*") if self._of(p.name, volume_id))
         out = self.ceph.rbd("snap", "ls", "--format", "json", f"{self.ceph.pool}/volume-{volume_id}")
         return sorted(s["name"] for s in json.loads(out))
 
-    def _owner(self, snapshot_file: str) -> str:
-        """The volume a loopback snapshot file was taken of, from the controller's ListSnapshots."""
-        snapshot_id = snapshot_file.removeprefix("snapshot-")
-        return " ".join(s.source_volume_id for s in self.listed(snapshot_id)) or "(unlisted)"
+    def _of(self, snapshot_file: str, volume_id: str) -> bool:
+        listed = self.listed(snapshot_file.removeprefix("snapshot-"))
+        return not listed or listed[0].source_volume_id == volume_id
 
     def delete_volumes(self, volume_ids: list[str]) -> None:
         for volume_id in volume_ids:
