@@ -65,7 +65,8 @@ NEEDS: dict[str, dict[tuple[str, str], set[str]]] = {
     "csi-snapshotter": {
         ("", "events"): {"list", "watch", "create", "update", "patch"},
         ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+        # create: the VolumeSnapshotContents of a group snapshot's members
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"create", "get", "list", "watch", "update", "patch"},
         ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
     },
     "csi-resizer": {
@@ -630,6 +631,17 @@ def test_metrics_service_and_health_probes(render):
         assert load_settings(env={"MBS_CSI_HEALTH_ENDPOINT": address}).health_endpoint == address  # a valid value
     controller = container(rendered.controller, "mbs-csi")
     assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "healthz"}
+
+
+def test_group_snapshots_turn_on_the_snapshotters_feature_gate(render):
+    gate = "--feature-gates=CSIVolumeGroupSnapshot=true"
+    assert gate not in container(render().controller, "csi-snapshotter")["args"]  # off by default
+    rendered = render(sets=("snapshots.groupSnapshots=true",))
+    assert gate in container(rendered.controller, "csi-snapshotter")["args"]
+    granted = effective_rules(rendered, pod_spec(rendered.controller)["serviceAccountName"])
+    assert granted[("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents")] >= {"get", "update", "patch"}
+    assert granted[("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses")] >= {"get", "list", "watch"}
+    assert "create" in granted[("snapshot.storage.k8s.io", "volumesnapshotcontents")]
 
 
 def test_snapshots_can_be_turned_off(render):

@@ -28,10 +28,12 @@ from mbs_csi import errors
 from mbs_csi.controller import database, failures
 from mbs_csi.controller.backends import Backends, setup_cinderlib
 from mbs_csi.controller.cinder_records import snapshot_record, volume_record
+from mbs_csi.controller.groups import Groups
 from mbs_csi.controller.operations import OPERATIONS, BackendOperations
 from mbs_csi.controller.records import (
     DATABASE_STORE,
     GIB,
+    GroupSnapshotRecord,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -53,8 +55,10 @@ class Adapter(BackendOperations):
     def __init__(self, config: WorkerConfig) -> None:
         setup_cinderlib(config)
         self.persistence = cinderlib.Backend.persistence
-        self.rows = Rows(database.engine(config.backend_timeout), self.persistence)
+        engine = database.engine(config.backend_timeout)
+        self.rows = Rows(engine, self.persistence)
         self.backends = Backends(config.backends)
+        self.groups = Groups(engine, self.rows, self.backends, self._require_volume, self._destroy_snapshot)
 
     @property
     def backend_errors(self) -> dict[str, str | None]:
@@ -271,8 +275,24 @@ class Adapter(BackendOperations):
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         snapshot = self.rows.snapshot(snapshot_id)
+        if snapshot is not None and snapshot._ovo.group_snapshot_id:
+            raise errors.FailedPrecondition(
+                f"snapshot {snapshot_id} is a member of group snapshot {snapshot._ovo.group_snapshot_id}; delete "
+                "the group snapshot"
+            )
         if snapshot is not None:
             self._destroy_snapshot(snapshot)
+
+    # --- group snapshots ----------------------------------------------------------------------------
+
+    def create_group_snapshot(self, name: str, volume_ids: list[str], loose: bool) -> GroupSnapshotRecord:
+        return self.groups.create(name, volume_ids, loose)
+
+    def get_group_snapshot(self, group_snapshot_id: str) -> GroupSnapshotRecord | None:
+        return self.groups.get(group_snapshot_id)
+
+    def delete_group_snapshot(self, group_snapshot_id: str, snapshot_ids: list[str]) -> None:
+        self.groups.delete(group_snapshot_id, snapshot_ids)
 
     # --- publication --------------------------------------------------------------------------------
 

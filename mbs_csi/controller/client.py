@@ -8,7 +8,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from mbs_csi import logs
 from mbs_csi.controller.operations import BackendOperations
 from mbs_csi.controller.pool import WorkerPool
-from mbs_csi.controller.records import NodeConnector, SnapshotRecord, VolumeCheck, VolumeRecord
+from mbs_csi.controller.records import GroupSnapshotRecord, NodeConnector, SnapshotRecord, VolumeCheck, VolumeRecord
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -85,3 +85,12 @@ class BackendClient(BackendOperations):
 
     def unpublish_volume(self, volume_id: str, node_id: str | None) -> None:
         return self._call(BackendOperations.unpublish_volume, volume_id, node_id)
+
+    def create_group_snapshot(self, name: str, volume_ids: list[str], loose: bool) -> GroupSnapshotRecord:
+        return self._call(BackendOperations.create_group_snapshot, name, volume_ids, loose)
+
+    def get_group_snapshot(self, group_snapshot_id: str) -> GroupSnapshotRecord | None:
+        return self._call(BackendOperations.get_group_snapshot, group_snapshot_id)
+
+    def delete_group_snapshot(self, group_snapshot_id: str, snapshot_ids: list[str]) -> None:
+        return self._call(BackendOperations.delete_group_snapshot, group_snapshot_id, snapshot_ids)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from mbs_csi.controller.records import NodeConnector, SnapshotRecord, VolumeCheck, VolumeRecord
+from mbs_csi.controller.records import GroupSnapshotRecord, NodeConnector, SnapshotRecord, VolumeCheck, VolumeRecord
 
 
 class BackendOperations(Protocol):
@@ -76,6 +76,20 @@ class BackendOperations(Protocol):
 
     def unpublish_volume(self, volume_id: str, node_id: str | None) -> None:
         """Disconnect the volume from ``node_id`` (from every node when None); a missing volume is fine."""
+
+    # --- group snapshots (groups.py) ----------------------------------------------------------------
+
+    def create_group_snapshot(self, name: str, volume_ids: list[str], loose: bool) -> GroupSnapshotRecord:
+        """Create (or finish creating) the group snapshot called ``name`` of ``volume_ids`` (all on one
+        backend), a member snapshot per volume; FailedPrecondition when the backend cannot take them at
+        one point in time, unless ``loose``. An available group snapshot of that name is returned as it
+        is, for the front to compare with the request."""
+
+    def get_group_snapshot(self, group_snapshot_id: str) -> GroupSnapshotRecord | None: ...
+
+    def delete_group_snapshot(self, group_snapshot_id: str, snapshot_ids: list[str]) -> None:
+        """Delete the group snapshot and its member snapshots; a missing one is fine. InvalidArgument when
+        ``snapshot_ids`` are not its members."""
 
 
 # The operations a worker runs for the front: the public methods of the interface, and nothing else.

@@ -127,6 +127,22 @@ class Rows:
         if self._typed(resource):
             resource.save()
             return
+        self.insert_together([resource])
+
+    def insert_together(self, resources: list[Resource], others: tuple[Any, ...] = ()) -> None:
+        """Write the rows of new untyped volumes or snapshots and of the cinder models ``others`` (a group
+        and its group snapshot), all in one transaction: all recorded, or none."""
+        rows = [self._row(resource) for resource in resources]
+        with cinder_db.main_context_manager.writer.using(objects.CONTEXT) as session:
+            for row in others:  # in order: rows that others refer to come first
+                session.add(row)
+                session.flush()
+            session.add_all(rows)
+        for resource in resources:
+            self._persistence.reset_change_tracker(resource)
+
+    def _row(self, resource: Resource) -> Any:
+        """The model row (with its metadata rows) of a new untyped volume or snapshot."""
         values = self._persistence.get_changed_fields(resource)  # of a new object: every field set
         if isinstance(resource, objects.Volume):  # cinderlib's type for untyped volumes
             resource._ovo.volume_type = self._persistence.DEFAULT_TYPE
@@ -137,9 +153,7 @@ class Rows:
             items = values.pop(field, None) or {}
             setattr(row, relationship, [child_model(key=key, value=value) for key, value in items.items()])
         row.update(values)
-        with cinder_db.main_context_manager.writer.using(objects.CONTEXT) as session:
-            session.add(row)
-        self._persistence.reset_change_tracker(resource)
+        return row
 
     def mark_available(self, resource: Resource, model_update: dict[str, Any] | None) -> None:
         """Record that the storage made ``resource``: status ``available`` and the driver's model update."""

@@ -117,6 +117,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             source_volume_id=record.volume_id,
             creation_time=_timestamp(record.created_at),
             ready_to_use=record.status == "available",
+            group_snapshot_id=record.group_snapshot_id or "",
         )
 
     # --- volumes ------------------------------------------------------------------------------------
