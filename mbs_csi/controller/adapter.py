@@ -24,8 +24,8 @@ import cinderlib
 from cinder import exception as cinder_exception
 from cinderlib import objects
 
-from mbs_csi import errors
-from mbs_csi.controller import database, failures
+from mbs_csi import errors, mutable_parameters
+from mbs_csi.controller import database, failures, retype
 from mbs_csi.controller.backends import Backends, setup_cinderlib
 from mbs_csi.controller.cinder_records import snapshot_record, volume_record
 from mbs_csi.controller.operations import OPERATIONS, BackendOperations
@@ -55,6 +55,7 @@ class Adapter(BackendOperations):
         self.persistence = cinderlib.Backend.persistence
         self.rows = Rows(database.engine(config.backend_timeout), self.persistence)
         self.backends = Backends(config.backends)
+        self.accepted = {spec.name: spec.mutable_parameters for spec in config.backends}  # mutable parameters
 
     @property
     def backend_errors(self) -> dict[str, str | None]:
@@ -125,6 +126,7 @@ class Adapter(BackendOperations):
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
+        mutable: dict[str, str] | None = None,
     ) -> tuple[VolumeRecord, bool]:
         leftovers = self.persistence.get_volumes(volume_name=name) if self.rows.ids_named("volumes", name) else []
         for leftover in leftovers:
@@ -159,7 +161,10 @@ class Adapter(BackendOperations):
             make = partial(target.driver.create_volume, volume._ovo)
 
         volume._ovo.created_at = _utcnow()
-        self.rows.insert(volume)  # recorded before the storage is touched: see the module docstring
+        with retype.one_transaction():  # recorded before the storage is touched: see the module docstring
+            if mutable:
+                retype.give_type(volume, mutable)
+            self.rows.insert(volume)
         try:
             self.rows.mark_available(volume, make())
             if volume.size < size_gib:  # a copy is as big as its source: grow it to what was asked
@@ -215,6 +220,7 @@ class Adapter(BackendOperations):
             )
         volume = self.rows.volume(volume_id)
         if volume is not None:
+            retype.forget_stale_types(volume_id, volume._ovo.volume_type)
             self._destroy_volume(volume)
 
     def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
@@ -238,6 +244,11 @@ class Adapter(BackendOperations):
         """
         volume.backend.driver.extend_volume(volume._ovo, size_gib)
         self.rows.resize(volume, size_gib)
+
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> None:
+        volume = self._require_volume(volume_id)
+        mutable_parameters.check(volume.backend.id, self.accepted.get(volume.backend.id, ()), mutable)
+        retype.modify(volume, mutable, self.persistence.DEFAULT_TYPE.id)
 
     # --- snapshots ----------------------------------------------------------------------------------
 

@@ -124,11 +124,12 @@ class Rows:
 
     def insert(self, resource: Resource) -> None:
         """Write the rows of a new volume or snapshot, as cinderlib's ``save`` does."""
-        if self._typed(resource):
+        if self._typed(resource) and resource._ovo.volume_type_id == resource.id:  # a type cinderlib makes
             resource.save()
             return
         values = self._persistence.get_changed_fields(resource)  # of a new object: every field set
-        if isinstance(resource, objects.Volume):  # cinderlib's type for untyped volumes
+        # cinderlib's type for untyped volumes; a volume typed beforehand (retype.py) keeps its type.
+        if isinstance(resource, objects.Volume) and not self._typed(resource):
             resource._ovo.volume_type = self._persistence.DEFAULT_TYPE
             resource._ovo.volume_type_id = values["volume_type_id"] = self._persistence.DEFAULT_TYPE.id
         kind = _KINDS[type(resource)]
