@@ -123,10 +123,15 @@ class ControllerUnderTest:
 
     def volume_type_names(self) -> list[str]:
         """The names of every volume type in the database."""
+        return sorted(row[0] for row in self.execute("SELECT name FROM volume_types"))
+
+    def execute(self, statement: str, **parameters: object) -> list[sqlalchemy.Row]:
+        """Run one SQL statement on the controller's database (committed); the rows it returns."""
         engine = sqlalchemy.create_engine(self.settings.database)
         try:
-            with engine.connect() as connection:
-                return sorted(connection.execute(sqlalchemy.text("SELECT name FROM volume_types")).scalars())
+            with engine.begin() as connection:
+                result = connection.execute(sqlalchemy.text(statement), parameters)
+                return list(result.all()) if result.returns_rows else []
         finally:
             engine.dispose()
 

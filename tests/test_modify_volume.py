@@ -7,6 +7,7 @@ type back from the database, where Cinder's model keeps a volume's QoS and extra
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import threading
@@ -147,3 +148,40 @@ def test_a_modify_racing_another_call_on_the_volume_answers_aborted(ctl):
         first.join(60)
     assert ctl.volume_type(volume.volume_id)[1] == {"total_iops_sec": "10"}
     delete(ctl, volume.volume_id)
+
+
+def test_a_modify_moves_the_snapshots_along_and_they_stay_usable(ctl):
+    volume = ctl.stub.CreateVolume(create_request(unique(), mutable_parameters={"total_iops_sec": "100"})).volume
+    snap = ctl.stub.CreateSnapshot(pb.CreateSnapshotRequest(name=unique("snap"), source_volume_id=volume.volume_id))
+    modify(ctl, volume.volume_id, total_iops_sec="200")  # the old type goes: the snapshot must not point at it
+    restored = ctl.stub.CreateVolume(create_request(unique(), snapshot=snap.snapshot.snapshot_id)).volume
+    assert ctl.volume_type(restored.volume_id)[1] == {}  # a new volume has the parameters its request names
+    ctl.stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot.snapshot_id))
+    for volume_id in (restored.volume_id, volume.volume_id):
+        delete(ctl, volume_id)
+
+
+def test_a_type_left_by_a_killed_modify_is_removed_by_the_next_modify_or_the_delete(ctl):
+    """A modify killed between recording the new type and switching the volume to it leaves that type;
+    planted here as such a modify leaves it."""
+    volume = ctl.stub.CreateVolume(create_request(unique(), mutable_parameters={"total_iops_sec": "100"})).volume
+    kept = ctl.volume_type(volume.volume_id)
+
+    def plant() -> str:
+        name = f"{volume.volume_id}+{unique('type')}"
+        ctl.execute(
+            "INSERT INTO volume_types (created_at, deleted, id, name, is_public) VALUES (:now, :no, :id, :name, :yes)",
+            now=datetime.datetime.now(datetime.UTC).replace(tzinfo=None),
+            no=False,
+            yes=True,
+            id=name[-16:],
+            name=name,
+        )
+        return name
+
+    stale = plant()
+    modify(ctl, volume.volume_id, total_iops_sec="100")  # nothing to change: it still cleans up
+    assert stale not in ctl.volume_type_names() and ctl.volume_type(volume.volume_id) == kept
+    stale = plant()
+    delete(ctl, volume.volume_id)
+    assert not [name for name in ctl.volume_type_names() if volume.volume_id in name]
