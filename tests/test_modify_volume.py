@@ -11,6 +11,7 @@ import datetime
 import os
 import signal
 import threading
+import time
 
 import grpc
 import pytest
@@ -136,7 +137,9 @@ def test_a_modify_racing_another_call_on_the_volume_answers_aborted(ctl):
     first = threading.Thread(target=modify, args=(ctl, volume.volume_id), kwargs={"total_iops_sec": "10"})
     try:
         first.start()
-        wait_until(lambda: "ControllerModifyVolume" in ctl.driver.log(), 30, "the first modify to come in")
+        called = f"ControllerModifyVolume called volume_id={volume.volume_id}"
+        wait_until(lambda: called in ctl.driver.log(), 30, "the first modify to come in")
+        time.sleep(0.5)  # from its log line to its lock: the front's own steps, no backend call
         request = pb.ControllerModifyVolumeRequest(
             volume_id=volume.volume_id, mutable_parameters={"total_iops_sec": "20"}
         )

@@ -15,8 +15,8 @@ than the database work it does, and more than a loopback volume takes to make. H
 - its rows go in one transaction of DELETEs;
 - "which ids have this name" and "what still depends on this volume" are plain SELECTs.
 
-Typed volumes (extra specs, QoS) and soft deletes are left to cinderlib, as is everything else. The
-schema is the pinned cinder release's.
+Loading and deleting typed volumes (a volume type of their own: mutable parameters, ``retype.py``) and
+soft deletes are left to cinderlib, as is everything else. The schema is the pinned cinder release's.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class Rows:
         )
 
     def insert(self, resource: Resource) -> None:
-        """Write the rows of a new volume or snapshot, as cinderlib's ``save`` does."""
+        """Write the rows of a new volume or snapshot, as cinderlib's ``save`` does (a volume's own type, if
+        it has one, is recorded beforehand: ``retype.give_type``)."""
         if self._typed(resource) and resource._ovo.volume_type_id == resource.id:  # a type cinderlib makes
             resource.save()
             return
