@@ -24,8 +24,8 @@ import cinderlib
 from cinder import exception as cinder_exception
 from cinderlib import objects
 
-from mbs_csi import errors
-from mbs_csi.controller import database, failures
+from mbs_csi import errors, mutable_parameters
+from mbs_csi.controller import database, failures, retype
 from mbs_csi.controller.backends import Backends, setup_cinderlib
 from mbs_csi.controller.cinder_records import snapshot_record, volume_record
 from mbs_csi.controller.groups import Groups
@@ -59,6 +59,7 @@ class Adapter(BackendOperations):
         self.rows = Rows(engine, self.persistence)
         self.backends = Backends(config.backends)
         self.groups = Groups(engine, self.rows, self.backends, self._require_volume, self._destroy_snapshot)
+        self.accepted = {spec.name: spec.mutable_parameters for spec in config.backends}  # mutable parameters
 
     @property
     def backend_errors(self) -> dict[str, str | None]:
@@ -129,6 +130,7 @@ class Adapter(BackendOperations):
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
+        mutable: dict[str, str] | None = None,
     ) -> tuple[VolumeRecord, bool]:
         leftovers = self.persistence.get_volumes(volume_name=name) if self.rows.ids_named("volumes", name) else []
         for leftover in leftovers:
@@ -163,7 +165,10 @@ class Adapter(BackendOperations):
             make = partial(target.driver.create_volume, volume._ovo)
 
         volume._ovo.created_at = _utcnow()
-        self.rows.insert(volume)  # recorded before the storage is touched: see the module docstring
+        with retype.one_transaction():  # recorded before the storage is touched: see the module docstring
+            if mutable:
+                retype.give_type(volume, mutable)
+            self.rows.insert(volume)
         try:
             self.rows.mark_available(volume, make())
             if volume.size < size_gib:  # a copy is as big as its source: grow it to what was asked
@@ -219,6 +224,7 @@ class Adapter(BackendOperations):
             )
         volume = self.rows.volume(volume_id)
         if volume is not None:
+            retype.forget_stale_types(volume_id, volume._ovo.volume_type)
             self._destroy_volume(volume)
 
     def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
@@ -242,6 +248,11 @@ class Adapter(BackendOperations):
         """
         volume.backend.driver.extend_volume(volume._ovo, size_gib)
         self.rows.resize(volume, size_gib)
+
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> None:
+        volume = self._require_volume(volume_id)
+        mutable_parameters.check(volume.backend.id, self.accepted.get(volume.backend.id, ()), mutable)
+        retype.modify(volume, mutable, self.persistence.DEFAULT_TYPE.id)
 
     # --- snapshots ----------------------------------------------------------------------------------
 

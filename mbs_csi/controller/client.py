@@ -51,6 +51,7 @@ class BackendClient(BackendOperations):
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
+        mutable: dict[str, str] | None = None,
     ) -> tuple[VolumeRecord, bool]:
         return self._call(
             BackendOperations.create_volume,
@@ -61,6 +62,7 @@ class BackendClient(BackendOperations):
             metadata,
             source_volume_id,
             source_snapshot_id,
+            mutable,
         )
 
     def delete_volume(self, volume_id: str) -> None:
@@ -68,6 +70,9 @@ class BackendClient(BackendOperations):
 
     def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
         return self._call(BackendOperations.extend_volume, volume_id, size_gib, limit_bytes)
+
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> None:
+        return self._call(BackendOperations.modify_volume, volume_id, mutable)
 
     def create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
         return self._call(BackendOperations.create_snapshot, volume_id, name)

@@ -98,6 +98,7 @@ class BackendSpec:
     name: str
     volume_driver: str
     options: dict[str, object]
+    mutable_parameters: tuple[str, ...] = ()  # the keys its volumes' mutable parameters may set
 
 
 @dataclass(frozen=True)

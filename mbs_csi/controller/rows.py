@@ -15,8 +15,8 @@ than the database work it does, and more than a loopback volume takes to make. H
 - its rows go in one transaction of DELETEs;
 - "which ids have this name" and "what still depends on this volume" are plain SELECTs.
 
-Typed volumes (extra specs, QoS) and soft deletes are left to cinderlib, as is everything else. The
-schema is the pinned cinder release's.
+Loading and deleting typed volumes (a volume type of their own: mutable parameters, ``retype.py``) and
+soft deletes are left to cinderlib, as is everything else. The schema is the pinned cinder release's.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ class Rows:
         )
 
     def insert(self, resource: Resource) -> None:
-        """Write the rows of a new volume or snapshot, as cinderlib's ``save`` does."""
-        if self._typed(resource):
+        """Write the rows of a new volume or snapshot, as cinderlib's ``save`` does (a volume's own type, if
+        it has one, is recorded beforehand: ``retype.give_type``)."""
+        if self._typed(resource) and resource._ovo.volume_type_id == resource.id:  # a type cinderlib makes
             resource.save()
             return
         self.insert_together([resource])
@@ -144,7 +145,8 @@ class Rows:
     def _row(self, resource: Resource) -> Any:
         """The model row (with its metadata rows) of a new untyped volume or snapshot."""
         values = self._persistence.get_changed_fields(resource)  # of a new object: every field set
-        if isinstance(resource, objects.Volume):  # cinderlib's type for untyped volumes
+        # cinderlib's type for untyped volumes; a volume typed beforehand (retype.py) keeps its type.
+        if isinstance(resource, objects.Volume) and not self._typed(resource):
             resource._ovo.volume_type = self._persistence.DEFAULT_TYPE
             resource._ovo.volume_type_id = values["volume_type_id"] = self._persistence.DEFAULT_TYPE.id
         kind = _KINDS[type(resource)]
