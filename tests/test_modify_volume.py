@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc
 from testkit.controller import controller_on, loopback_backend, unique
 from testkit.csi_requests import create_request
 from testkit.rpc import rpc_error
@@ -186,5 +187,29 @@ def test_a_type_left_by_a_killed_modify_is_removed_by_the_next_modify_or_the_del
     modify(ctl, volume.volume_id, total_iops_sec="100")  # nothing to change: it still cleans up
     assert stale not in ctl.volume_type_names() and ctl.volume_type(volume.volume_id) == kept
     stale = plant()
+    delete(ctl, volume.volume_id)
+    assert not [name for name in ctl.volume_type_names() if volume.volume_id in name]
+
+
+def test_a_volume_in_a_group_snapshot_can_be_modified_and_the_group_deleted(ctl):
+    """A group snapshot maps its volumes' types to its group (cinder's group_volume_type_mapping): a
+    modify that replaces a member's type, and the group's deletion after it, must both work (PostgreSQL
+    enforces the foreign keys)."""
+    groups = csi_pb2_grpc.GroupControllerStub(ctl.driver.channel)
+    volume = ctl.stub.CreateVolume(create_request(unique(), mutable_parameters={"total_iops_sec": "100"})).volume
+    group = groups.CreateVolumeGroupSnapshot(
+        pb.CreateVolumeGroupSnapshotRequest(
+            name=unique(), source_volume_ids=[volume.volume_id], parameters={"consistency": "loose"}
+        )
+    ).group_snapshot
+    modify(ctl, volume.volume_id, total_iops_sec="200")
+    _, specs = ctl.volume_type(volume.volume_id)
+    assert specs == {"total_iops_sec": "200"}
+    groups.DeleteVolumeGroupSnapshot(
+        pb.DeleteVolumeGroupSnapshotRequest(
+            group_snapshot_id=group.group_snapshot_id,
+            snapshot_ids=[s.snapshot_id for s in group.snapshots],
+        )
+    )
     delete(ctl, volume.volume_id)
     assert not [name for name in ctl.volume_type_names() if volume.volume_id in name]

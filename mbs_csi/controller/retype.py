@@ -148,14 +148,18 @@ def _undo(volume: objects.Volume, new_type: Any, old_type: Any, host: dict[str, 
 def _switch(
     volume: objects.Volume, old_type: Any, new_type: Any, model_update: dict[str, Any], default_type_id: str
 ) -> None:
-    """Point the volume and its snapshots at ``new_type`` and delete ``old_type``, in one transaction."""
+    """Point the volume, its snapshots and the groups of its group snapshots at ``new_type`` and delete
+    ``old_type``, in one transaction."""
     values = {"volume_type_id": new_type.id, **model_update}
     with cinder_db.main_context_manager.writer.using(objects.CONTEXT) as session:
         session.query(models.Volume).filter_by(id=volume.id).update(values, synchronize_session=False)
         session.query(models.Snapshot).filter_by(volume_id=volume.id).update(
             {"volume_type_id": new_type.id}, synchronize_session=False
         )
-        if old_type.id != default_type_id:
+        if old_type.id != default_type_id:  # the volume's own type: the groups it is in (group snapshots) follow
+            session.query(models.GroupVolumeTypeMapping).filter_by(volume_type_id=old_type.id).update(
+                {"volume_type_id": new_type.id}, synchronize_session=False
+            )
             _delete_type_rows(session, old_type.id, old_type.qos_specs_id)
     volume._ovo.update(values)
     volume._ovo.volume_type = new_type
