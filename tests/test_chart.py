@@ -208,7 +208,7 @@ def renderer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def render(renderer: Path):
+def render(renderer: Path, tmp_path: Path):
     """Render like `helm template`: Kubernetes ``kube_version`` (None: the renderer's default, as helm's),
     the built-in API versions plus ``api_versions``."""
 
@@ -219,12 +219,18 @@ def render(renderer: Path):
         chart: Path = CHART,
         kube_version: str | None = None,
         api_versions: tuple[str, ...] = (),
+        cluster: list[dict[str, Any]] | None = None,
     ) -> Rendered:
         cmd = [str(renderer), "-chart", str(chart), "-name", RELEASE, "-namespace", NAMESPACE]
         cmd += ["-strict"] if strict else []
         cmd += ["--kube-version", kube_version] if kube_version else []
         for api_version in api_versions:
             cmd += ["--api-versions", api_version]
+        if cluster is not None:
+            # What lookup finds, as at `helm install` against a cluster holding these objects.
+            objects = tmp_path / "lookup-objects.yaml"
+            objects.write_text(yaml.safe_dump(cluster))
+            cmd += ["-lookup", str(objects)]
         for file in values:
             cmd += ["-f", str(file)]
         for item in sets:
@@ -250,7 +256,11 @@ CASES = [
         for kube in ("1.30.0", "1.34.0")
         for apis in ((), (SNAPSHOT_API,))
     ],
-    *[pytest.param(((f,), (), kube, (SNAPSHOT_API,)), id=f"{f.stem}-{kube}") for f in EXAMPLES for kube in ("1.30.0", "1.34.0")],
+    *[
+        pytest.param(((f,), (), kube, (SNAPSHOT_API,)), id=f"{f.stem}-{kube}")
+        for f in EXAMPLES
+        for kube in ("1.30.0", "1.34.0")
+    ],
     pytest.param(((), (*PG_SET, "controller.replicas=2"), "1.34.0", (SNAPSHOT_API,)), id="postgresql-2-replicas"),
 ]
 
@@ -366,7 +376,9 @@ def test_sidecars_run_exactly_the_pinned_releases(rendered: Rendered):
 )
 def test_sidecar_versions_follow_the_kubernetes_version(render, kube_version: str, minor: str):
     rendered = render(kube_version=kube_version, api_versions=(SNAPSHOT_API,))
-    images = {c["name"]: c["image"] for obj in [rendered.controller, rendered.node] for c in pod_spec(obj)["containers"]}
+    images = {
+        c["name"]: c["image"] for obj in [rendered.controller, rendered.node] for c in pod_spec(obj)["containers"]
+    }
     assert {k: v for k, v in images.items() if k != "mbs-csi"} == SIDECAR_IMAGES[minor]
 
 
@@ -381,7 +393,10 @@ def test_a_sidecar_image_set_in_values_replaces_the_releases(render):
 
 @pytest.mark.parametrize("kube_version", ["1.29.9", "1.20.0"])
 def test_kubernetes_below_1_30_is_refused_as_helm_refuses_it(render, kube_version: str):
-    with pytest.raises(RenderError, match=rf"chart requires kubeVersion: >=1\.30\.0-0 which is incompatible with Kubernetes v{re.escape(kube_version)}"):
+    with pytest.raises(
+        RenderError,
+        match=rf"requires kubeVersion: >=1\.30\.0-0 which is incompatible with Kubernetes v{re.escape(kube_version)}",
+    ):
         render(kube_version=kube_version)
 
 
@@ -826,3 +841,168 @@ def test_values_are_documented_key_by_key():
             assert previous.lstrip().startswith("#"), f"values.yaml:{number}: no comment above {line.strip()}"
         if line.strip():
             previous = line
+
+
+# --- Kubernetes versions, the cluster's APIs, and what the chart refuses -----------------------------
+
+
+def test_renderer_capabilities_and_lookup_like_helm(render, tmp_path: Path):
+    chart = tmp_path / "caps"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: caps\nversion: 1.0.0\nkubeVersion: '>=1.25.0-0'\n")
+    (chart / "values.yaml").write_text("{}\n")
+    (chart / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: caps\ndata:\n"
+        "  version: {{ .Capabilities.KubeVersion.Version | quote }}\n"
+        "  minor: {{ .Capabilities.KubeVersion.Minor | quote }}\n"
+        '  printed: {{ printf "%s" .Capabilities.KubeVersion | quote }}\n'
+        '  apps: {{ .Capabilities.APIVersions.Has "apps/v1" | quote }}\n'
+        '  snapshots: {{ .Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1" | quote }}\n'
+        '  recent: {{ semverCompare ">=1.34.0-0" .Capabilities.KubeVersion.Version | quote }}\n'
+        '  found: {{ (lookup "v1" "Namespace" "" "kube-system").metadata | default dict | keys | join "," | quote }}\n'
+        '  listed: {{ dig "items" list (lookup "v1" "Namespace" "" "") | len | quote }}\n'
+    )
+    # helm template's defaults: its own Kubernetes version, the built-in APIs only, lookup finds nothing.
+    data = render(chart=chart, strict=False).one("ConfigMap")["data"]
+    assert data == {
+        "version": "v1.34.0",
+        "minor": "34",
+        "printed": "v1.34.0",
+        "apps": "true",
+        "snapshots": "false",
+        "recent": "true",
+        "found": "",
+        "listed": "0",
+    }
+    namespaces = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in ("kube-system", "a")]
+    data = render(
+        chart=chart, strict=False, kube_version="1.30.2", api_versions=(SNAPSHOT_API,), cluster=namespaces
+    ).one("ConfigMap")["data"]
+    assert data["version"] == "v1.30.2" and data["minor"] == "30" and data["recent"] == "false"
+    assert data["snapshots"] == "true"
+    assert data["found"] == "name" and data["listed"] == "2"
+    with pytest.raises(
+        RenderError, match=r"chart requires kubeVersion: >=1\.25\.0-0 which is incompatible with Kubernetes v1\.24\.0"
+    ):
+        render(chart=chart, kube_version="1.24.0")
+
+
+def test_without_the_snapshot_api_no_snapshot_object_is_made(render):
+    rendered = render()  # as `helm template` or a cluster without the VolumeSnapshot CRDs
+    assert not any(d["apiVersion"].startswith("snapshot.storage.k8s.io/") for d in rendered.docs)
+    assert "csi-snapshotter" not in {c["name"] for c in pod_spec(rendered.controller)["containers"]}
+    assert not any(d["metadata"]["name"].endswith("-snapshotter") for d in rendered.all("ClusterRole"))
+    assert not any(d["metadata"]["name"].endswith("-snapshotter") for d in rendered.all("ClusterRoleBinding"))
+    assert "snap-metrics" not in {p["name"] for p in rendered.one("Service")["spec"]["ports"]}
+    for how in [{"api_versions": (SNAPSHOT_API,)}, {"sets": ("snapshots.force=true",)}]:
+        forced = render(**how)
+        assert forced.one("VolumeSnapshotClass")["driver"] == "mbs.csi.io", how
+        assert "csi-snapshotter" in {c["name"] for c in pod_spec(forced.controller)["containers"]}, how
+        assert role_rules(forced, "snapshotter") == RELEASE_RULES["csi-snapshotter:v8.6.0"], how
+        assert "snap-metrics" in {p["name"] for p in forced.one("Service")["spec"]["ports"]}, how
+
+
+@pytest.mark.parametrize("backend_timeout", [30, 300, 900])
+def test_sidecars_wait_longer_than_a_backend_call_may_take(render, backend_timeout: int):
+    rendered = render(sets=(f"controller.backendTimeout={backend_timeout}",), api_versions=(SNAPSHOT_API,))
+    config = yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])
+    assert config["backend_timeout"] == backend_timeout
+    for name in LEADER_ELECTED:
+        (timeout,) = [
+            a.partition("=")[2] for a in container(rendered.controller, name)["args"] if a.startswith("--timeout=")
+        ]
+        assert re.fullmatch(r"\d+s", timeout), timeout
+        assert int(timeout[:-1]) == backend_timeout + 60, name
+
+
+def test_registrar_runs_with_the_upstream_settings(render):
+    registrar = container(render().node, "node-driver-registrar")
+    assert registrar["image"].startswith("registry.k8s.io/sig-storage/csi-node-driver-registrar:")
+    assert "--timeout=30s" in registrar["args"]
+    assert "--http-endpoint=127.0.0.1:9859" in registrar["args"]
+    assert registrar["ports"] == [{"name": "registrar", "containerPort": 9859}]
+    probe = registrar["livenessProbe"]
+    assert probe["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": "registrar"}
+    assert probe["timeoutSeconds"] >= 5
+
+
+def test_pods_are_confined_where_they_can_be(render):
+    rendered = render(api_versions=(SNAPSHOT_API,))
+    node = pod_spec(rendered.node)
+    assert "hostPID" not in node  # nothing in the node plugin enters or signals host processes
+    for obj in [rendered.controller, rendered.node]:
+        for c in pod_spec(obj)["containers"]:
+            if c["name"] == "mbs-csi":
+                continue
+            security = c["securityContext"]
+            assert security["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+            assert security["capabilities"] == {"drop": ["ALL"]}, c["name"]
+            assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert pod_spec(rendered.controller)["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert node["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    control_plane = {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}
+    assert pod_spec(rendered.controller)["tolerations"] == [control_plane]
+
+
+def default_backend_values(tmp_path: Path) -> Path:
+    """A backend whose StorageClass is the cluster default."""
+    values = tmp_path / "default-class.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {"backends": [{"name": "xtremio", "volume_driver": "x.Driver", "storageClass": {"isDefault": True}}]}
+        )
+    )
+    return values
+
+
+def test_the_controller_claim_on_its_own_default_class_is_refused(render, tmp_path: Path):
+    values = default_backend_values(tmp_path)
+    with pytest.raises(RenderError, match=r"backends\[xtremio\]\.storageClass\.isDefault .* cannot start without it"):
+        render(values)
+    # Any way of keeping the claim off this driver's class is accepted.
+    for sets in [
+        ("controller.state.persistentVolumeClaim.storageClassName=standard",),
+        ("controller.state.persistentVolumeClaim.existingClaim=state",),
+        ("controller.state.hostPath=/var/lib/mbs-csi-controller",),
+        PG_SET,
+    ]:
+        render(values, sets=sets)
+    claim = render(values, sets=("controller.state.persistentVolumeClaim.storageClassName=standard",))
+    assert claim.one("PersistentVolumeClaim")["spec"]["storageClassName"] == "standard"
+
+
+def test_the_cluster_default_class_of_this_driver_is_refused_at_install(render):
+    def storage_class(name: str, provisioner: str, default: bool) -> dict[str, Any]:
+        annotations = {"storageclass.kubernetes.io/is-default-class": "true"} if default else {}
+        meta = {"name": name, "annotations": annotations}
+        return {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": meta, "provisioner": provisioner}
+
+    ours = [storage_class("standard", "rancher.io/local-path", False), storage_class("fast", "mbs.csi.io", True)]
+    with pytest.raises(RenderError, match=r"default StorageClass fast is served by this driver \(mbs\.csi\.io\)"):
+        render(cluster=ours)
+    render(
+        cluster=[storage_class("standard", "rancher.io/local-path", True), storage_class("fast", "mbs.csi.io", False)]
+    )
+    render(cluster=ours, sets=("controller.state.persistentVolumeClaim.storageClassName=standard",))
+    # An upgrade: the claim exists and keeps the class it was bound with.
+    claim_meta = {"name": f"{RELEASE}-controller-state", "namespace": NAMESPACE}
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": claim_meta}
+    render(cluster=[*ours, claim])
+
+
+def test_storage_class_parameters_the_driver_refuses_are_refused(render, tmp_path: Path):
+    values = tmp_path / "parameters.yaml"
+    backend = {"name": "ceph", "volume_driver": "x.Driver", "storageClass": {"parameters": {"backend": "other"}}}
+    values.write_text(yaml.safe_dump({"backends": [backend]}))
+    with pytest.raises(RenderError, match=r"backends\[ceph\]\.storageClass\.parameters: the driver accepts no"):
+        render(values)
+
+
+def test_a_duplicate_key_cannot_render(render, tiny_chart: Path):
+    # What a StorageClass parameter set twice used to render: the check refuses it.
+    (tiny_chart / "templates" / "sc.yaml").write_text(
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: x\nprovisioner: p\n"
+        "parameters:\n  backend: a\n  backend: b\n"
+    )
+    with pytest.raises(RenderError, match=r"duplicate key\(s\) \['backend'\]"):
+        render(chart=tiny_chart)

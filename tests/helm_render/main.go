@@ -10,13 +10,19 @@
 // defaultKubeVersion, helm's default being the Kubernetes minor of the client-go it was built with), and
 // the chart's kubeVersion constraint (Chart.yaml) is checked against it before anything renders, as helm
 // does. .Capabilities.APIVersions holds the built-in API group versions (as helm's default set: no CRDs)
-// plus every --api-versions value; its Has method answers for "group/version" and "group/version/Kind". YAML is read through a JSON
+// plus every --api-versions value; its Has method answers for "group/version" (and for
+// "group/version/Kind" only when given so: the built-in Kinds are not listed).
+//
+// lookup answers as in `helm template` (an empty map: there is no cluster) unless -lookup names a YAML file
+// holding a list of objects: it then answers as `helm install` would against a cluster holding those
+// (one object by name, an empty map when it is missing; a "<Kind>List" with the matching items when the
+// name is empty). YAML is read through a JSON
 // round trip like helm does, so numbers from values files are float64 there too.
 //
 // Usage:
 //
 //	helm_render -chart DIR [-f values.yaml]... [--set a.b=value]... [-name RELEASE] [-namespace NS] [-strict]
-//	            [--kube-version 1.30.0] [--api-versions group/version]...
+//	            [--kube-version 1.30.0] [--api-versions group/version]... [-lookup objects.yaml]
 //
 // It prints every rendered template (files under templates/ whose name does not start with "_"; NOTES.txt
 // is rendered but not printed) as YAML documents, each after a "# Source:" comment, in file name order.
@@ -141,6 +147,7 @@ func run() error {
 	flag.Var(&sets, "set", "key.path=value override, applied last (repeatable)")
 	kubeVersionText := flag.String("kube-version", defaultKubeVersion, "Kubernetes version for .Capabilities.KubeVersion")
 	flag.Var(&apiVersions, "api-versions", "API version for .Capabilities.APIVersions (repeatable)")
+	lookupFile := flag.String("lookup", "", "YAML list of the objects lookup finds (default: none, as in helm template)")
 	flag.Parse()
 	if *chartDir == "" || flag.NArg() != 0 {
 		flag.Usage()
@@ -198,7 +205,42 @@ func run() error {
 			"HelmVersion": map[string]interface{}{"Version": "v3.19.0"},
 		},
 	}
-	return render(*chartDir, chartName, top, *strict)
+	var cluster []map[string]interface{}
+	if *lookupFile != "" {
+		data, err := os.ReadFile(*lookupFile)
+		if err != nil {
+			return err
+		}
+		if err := yaml.Unmarshal(data, &cluster); err != nil {
+			return fmt.Errorf("%s: %v", *lookupFile, err)
+		}
+	}
+	return render(*chartDir, chartName, top, *strict, cluster)
+}
+
+// lookupIn is helm's lookup against the objects of a cluster (nil: no cluster, as in helm template).
+func lookupIn(cluster []map[string]interface{}) func(apiVersion, kind, namespace, name string) map[string]interface{} {
+	return func(apiVersion, kind, namespace, name string) map[string]interface{} {
+		if cluster == nil {
+			return map[string]interface{}{}
+		}
+		items := []interface{}{}
+		for _, obj := range cluster {
+			meta, _ := obj["metadata"].(map[string]interface{})
+			if obj["apiVersion"] != apiVersion || obj["kind"] != kind || (namespace != "" && meta["namespace"] != namespace) {
+				continue
+			}
+			if name == "" {
+				items = append(items, obj)
+			} else if meta["name"] == name {
+				return obj
+			}
+		}
+		if name != "" {
+			return map[string]interface{}{}
+		}
+		return map[string]interface{}{"apiVersion": apiVersion, "kind": kind + "List", "items": items}
+	}
 }
 
 // readYAMLFile parses a YAML mapping through JSON, as helm does (numbers become float64).
@@ -288,7 +330,7 @@ func applySet(into map[string]interface{}, set string) error {
 }
 
 // helmFuncs is sprig's function map adjusted as helm adjusts it, plus helm's own functions.
-func helmFuncs(templates **template.Template) template.FuncMap {
+func helmFuncs(templates **template.Template, cluster []map[string]interface{}) template.FuncMap {
 	funcs := sprig.TxtFuncMap()
 	delete(funcs, "env")
 	delete(funcs, "expandenv")
@@ -312,6 +354,7 @@ func helmFuncs(templates **template.Template) template.FuncMap {
 		}
 		return value, nil
 	}
+	funcs["lookup"] = lookupIn(cluster)
 	funcs["fail"] = func(message string) (string, error) {
 		return "", errors.New(message)
 	}
@@ -332,7 +375,7 @@ func helmFuncs(templates **template.Template) template.FuncMap {
 	return funcs
 }
 
-func render(chartDir, chartName string, top map[string]interface{}, strict bool) error {
+func render(chartDir, chartName string, top map[string]interface{}, strict bool, cluster []map[string]interface{}) error {
 	root := filepath.Join(chartDir, "templates")
 	var names []string
 	sources := map[string]string{}
@@ -359,7 +402,7 @@ func render(chartDir, chartName string, top map[string]interface{}, strict bool)
 	sort.Strings(names)
 
 	var templates *template.Template
-	templates = template.New(chartName).Funcs(helmFuncs(&templates))
+	templates = template.New(chartName).Funcs(helmFuncs(&templates, cluster))
 	if strict {
 		templates.Option("missingkey=error")
 	} else {

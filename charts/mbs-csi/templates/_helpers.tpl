@@ -118,12 +118,23 @@ which bounds the wait for a worker and the call together), so the driver always 
 {{- if and (eq .Values.database.type "postgresql") (not (or .Values.database.postgresql.existingSecret .Values.database.postgresql.url)) }}
 {{- fail "database.type=postgresql needs database.postgresql.existingSecret (a Secret holding the URL) or database.postgresql.url" }}
 {{- end }}
+{{- /* Bootstrap deadlock: the controller's SQLite claim, left to the cluster's default StorageClass, must not
+land on this driver's StorageClass. Checked when the chart makes the claim (a claim that exists already
+keeps the StorageClass it was given): against the chart's own StorageClasses, and against the cluster's,
+which helm looks up at install and upgrade (`helm template` finds nothing). */}}
 {{- $claim := .Values.controller.state.persistentVolumeClaim }}
-{{- if and (eq .Values.database.type "sqlite") (not .Values.controller.state.hostPath) (not $claim.existingClaim) (not $claim.storageClassName) }}
+{{- $claimName := printf "%s-controller-state" (include "mbs-csi.fullname" .) }}
+{{- if and (eq .Values.database.type "sqlite") (not .Values.controller.state.hostPath) (not $claim.existingClaim) (not $claim.storageClassName) (not (lookup "v1" "PersistentVolumeClaim" .Release.Namespace $claimName)) }}
+{{- $fix := "Set controller.state.persistentVolumeClaim.storageClassName to another StorageClass (or existingClaim, or database.type=postgresql)" }}
 {{- range .Values.backends }}
 {{- $sc := dig "storageClass" dict . }}
 {{- if and (dig "create" true $sc) (dig "isDefault" false $sc) }}
-{{- fail (printf "backends[%s].storageClass.isDefault makes this driver's StorageClass the cluster default, and controller.state.persistentVolumeClaim.storageClassName is empty: the controller's own SQLite claim would be provisioned by the controller itself, which cannot start without it. Set controller.state.persistentVolumeClaim.storageClassName to another StorageClass (or existingClaim, or database.type=postgresql), or drop isDefault." .name) }}
+{{- fail (printf "backends[%s].storageClass.isDefault makes this driver's StorageClass the cluster default while controller.state.persistentVolumeClaim.storageClassName is empty: the controller's own SQLite claim would wait for the controller itself, which cannot start without it. %s, or drop isDefault." .name $fix) }}
+{{- end }}
+{{- end }}
+{{- range dig "items" list (lookup "storage.k8s.io/v1" "StorageClass" "" "") }}
+{{- if and (eq (dig "provisioner" "" .) $.Values.driverName) (eq (dig "metadata" "annotations" "storageclass.kubernetes.io/is-default-class" "" .) "true") }}
+{{- fail (printf "the cluster's default StorageClass %s is served by this driver (%s) while controller.state.persistentVolumeClaim.storageClassName is empty: the controller's own SQLite claim would wait for the controller itself, which cannot start without it. %s." .metadata.name $.Values.driverName $fix) }}
 {{- end }}
 {{- end }}
 {{- end }}
