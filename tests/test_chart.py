@@ -63,15 +63,18 @@ Rules = dict[tuple[str, str], set[str]]
 # What each sidecar release's deploy/kubernetes RBAC file grants (the ClusterRole; the leader-election
 # Role is LEASES), as far as the files could be read here. None of the pinned releases' files is stored
 # in the reference index this was written from, so:
-#   csi-provisioner v5.3.0: v5.2.0's deploy/kubernetes/rbac.yaml, as a third-party project vendors it
-#     verbatim (csi-driver-host-path v1.17.0's sidecars), assumed unchanged in v5.3.0 (VolumeAttributesClass
-#     is behind a feature gate, off by default, in v5).
+#   csi-provisioner v5.3.0: v5.2.0's deploy/kubernetes/rbac.yaml, as a third-party project says it vendors
+#     it verbatim (csi-driver-host-path v1.17.0's sidecars), assumed unchanged in v5.3.0 (VolumeAttributesClass
+#     is behind a feature gate, off by default, in v5), less the copy's "patch volumeattachments/status" rule:
+#     the same copy is wrong about the snapshotter (see below), and that rule is the attacher's. Not verified.
 #   csi-provisioner v6.3.0: the chart's earlier rules, written for v6.3.0, plus watch and update on
 #     volumesnapshots, which issue 15 reports v6.3.0's file grants (its snapshot finalizer), and
 #     volumeattributesclasses (GA, on by default in v6); v6.3.0's file itself was not found.
 #   csi-attacher v4.12.0: equal to v4.8.0's file as vendored in the same project.
-#   csi-snapshotter v8.6.0: the chart's earlier rules; v8.2.0's file as vendored there also grants create
-#     and delete on volumesnapshotcontents, which the v8.6.0 file may or may not still do: not verified.
+#   csi-snapshotter v8.6.0: upstream's deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml as stored
+#     at commit 02c0340f (a v8.x file: it has the group snapshot rules; which release it belongs to could
+#     not be told). The third-party copy said to be v8.2.0's also grants delete on volumesnapshotcontents,
+#     which upstream removed in 2022 (external-snapshotter #689): that copy is not taken as evidence.
 #   csi-resizer v2.2.1: v1.13.1's file as vendored there, plus volumeattributesclasses (ModifyVolume, on by
 #     default from v2.0.0); v2.2.1's file itself was not found.
 EVENTS = {("", "events"): {"list", "watch", "create", "update", "patch"}}
@@ -86,11 +89,7 @@ PROVISIONER_COMMON: Rules = {
     ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
 }
 RELEASE_RULES: dict[str, Rules] = {
-    "csi-provisioner:v5.3.0": PROVISIONER_COMMON
-    | {
-        ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
-        ("storage.k8s.io", "volumeattachments/status"): {"patch"},
-    },
+    "csi-provisioner:v5.3.0": PROVISIONER_COMMON | {("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"}},
     "csi-provisioner:v6.3.0": PROVISIONER_COMMON
     | {
         ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch", "update"},
@@ -105,7 +104,7 @@ RELEASE_RULES: dict[str, Rules] = {
     "csi-snapshotter:v8.6.0": {
         **EVENTS,
         ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"create", "get", "list", "watch", "update", "patch"},
         ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
         ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses"): {"get", "list", "watch"},
         ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents"): {"get", "list", "watch", "update", "patch"},
