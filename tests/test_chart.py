@@ -42,7 +42,8 @@ SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
 #                    minimum 1.20 per the v5.2.0 release notes; v5.3.0's own page was not found).
 #   csi-attacher     v4.12.0: v4.x minimum 1.17 (docs table for v4.0-v4.8, v4.13.0 release notes).
 #   csi-snapshotter  v8.6.0: v8.x minimum 1.25 (docs table for v8.0-v8.2, v8.5.0 release notes).
-#   csi-resizer      v2.2.1: minimum 1.16 (v2.2.1 and v2.0.0 release notes).
+#   csi-resizer      v2.2.1: minimum 1.16 (v2.2.1 and v2.0.0 release notes; CHANGELOG-2.0: its
+#                    VolumeAttributesClass gate turns itself off where the storage/v1 API is missing).
 #   csi-node-driver-registrar v2.17.0: v2.x minimum 1.13 (docs table).
 CURRENT = {
     "csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0",
