@@ -129,6 +129,13 @@ def test_a_target_that_is_not_empty_is_refused_and_left_as_it_was(postgres: Post
     code, output = migrate(seeded_sqlite, target)
     assert code == 1 and "refused: the target database is not empty" in output, output
     assert tables(target) == before
+    # Nor a source with a table this version would not copy.
+    with sqlite3.connect(seeded_sqlite.removeprefix("sqlite:///")) as db:
+        db.execute("CREATE TABLE someone_elses (id INTEGER PRIMARY KEY)")
+    untouched = postgres.new_database("unknown_table")
+    code, output = migrate(seeded_sqlite, untouched)
+    assert code == 1 and "tables this version does not know: someone_elses" in output, output
+    assert tables(untouched) == []
     # Nor a source that holds no driver state: the empty database is refused, nothing is written.
     empty = postgres.new_database("no_state")
     code, output = migrate(empty, postgres.new_database("untouched"))
@@ -186,3 +193,30 @@ def test_a_migration_killed_mid_copy_leaves_the_target_empty(postgres: PostgresC
 def test_db_migrate_needs_both_urls():
     done = run_cli("db", "migrate", "--from", "sqlite:////nonexistent/x.sqlite")
     assert done.returncode == 2 and "--to" in done.stderr
+
+
+@pytest.mark.slow
+def test_postgresql_back_to_sqlite_keeps_every_row_as_it_was(postgres: PostgresCluster, seeded_sqlite: str):
+    """SQLite -> PostgreSQL -> SQLite: every row of every table reads back equal (booleans, dates, ids)."""
+    from mbs_csi.controller.migration import schema
+
+    middle = postgres.new_database("round_trip")
+    back = seeded_sqlite.replace("mbs-csi.sqlite", "back.sqlite")
+    for source, target in ((seeded_sqlite, middle), (middle, back)):
+        code, output = migrate(source, target)
+        assert code == 0, output
+
+    def content(url: str) -> dict[str, list[tuple[object, ...]]]:
+        engine = sqlalchemy.create_engine(url)
+        try:
+            with engine.connect() as connection:
+                return {
+                    table.name: sorted(map(tuple, connection.execute(sqlalchemy.select(table))), key=repr)
+                    for table in schema().sorted_tables
+                }
+        finally:
+            engine.dispose()
+
+    original = content(seeded_sqlite)
+    assert original["volume_types"] and original["quota_classes"] and original["workers"]
+    assert content(back) == original

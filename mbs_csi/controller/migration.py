@@ -82,6 +82,9 @@ def _check_source(connection: sqlalchemy.engine.Connection, metadata: sqlalchemy
     present = set(inspector.get_table_names())
     if "volumes" not in present or VERSION_TABLE not in present:
         raise MigrationRefused("the source database holds no mbs-csi state (it has no volumes table)")
+    unknown = sorted(present - set(metadata.tables))
+    if unknown:  # state this version would not copy: refuse rather than leave it behind
+        raise MigrationRefused(f"the source database has tables this version does not know: {', '.join(unknown)}")
     for table in metadata.sorted_tables:
         if table.name not in present:
             raise MigrationRefused(f"the source database lacks the table {table.name}: start the driver on it once")
