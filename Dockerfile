@@ -21,9 +21,10 @@ COPY pyproject.toml ./
 COPY scripts/install.sh scripts/
 # Debian packages (runtime and build) and the dependencies, in a layer that only pyproject.toml,
 # install.sh and the build args decide (the package's sources are stand-ins here); then the package
-# itself, and the slimming (--image). pip trusts the CA bundle given as the build secret pip-ca when there
-# is one (scripts/build-image.sh passes the host's where the package index is reached through a proxy
-# with its own CA); a secret is in no layer.
+# itself (without the stand-ins' build directory, whose files would be newer than the sources), and the
+# slimming (--image). pip trusts the CA bundle given as the build secret pip-ca when there is one
+# (scripts/build-image.sh passes the host's where the package index is reached through a proxy with its
+# own CA); a secret is in no layer.
 RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
     && mkdir -p mbs_csi csi && touch README.md mbs_csi/__init__.py csi/__init__.py \
@@ -34,6 +35,7 @@ COPY csi csi
 COPY mbs_csi mbs_csi
 RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && rm -rf build ./*.egg-info \
     && MBS_CSI_VENV=/opt/mbs-csi MBS_CSI_CINDER_EXTRAS="$CINDER_EXTRAS" MBS_CSI_UNUSED_CLIENTS="$UNUSED_CLIENTS" \
        bash scripts/install.sh --image
 

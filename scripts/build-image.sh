@@ -93,4 +93,10 @@ else
   fi
   [[ -s $ca_bundle ]] && secret=(--secret "id=pip-ca,src=$ca_bundle")
 fi
-exec podman build --pull=never --network=host --layers --jobs=2 "${engine[@]}" "${secret[@]}" -t "$tag" "$@" .
+# The image the tag named before is removed once the tag moves (its layers that the new one shares stay,
+# and so do the intermediate images the next build reuses).
+previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+podman build --pull=never --network=host --layers --jobs=2 "${engine[@]}" "${secret[@]}" -t "$tag" "$@" .
+if [[ -n $previous && $previous != $(podman image inspect --format '{{.Id}}' "$tag") ]]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
