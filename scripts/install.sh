@@ -38,9 +38,9 @@ build_packages=(python3-venv python3-dev gcc)
 # The test suite: PostgreSQL, a throwaway Ceph cluster, Go with text/template's helm functions (sprig)
 # and a YAML library for tests/helm_render, the chart renderer, and what scripts/build-image.sh builds
 # and tests/test_image.py runs the image with (podman, buildah, runc for hosts with hybrid cgroups,
-# debootstrap for the base).
+# netavark, podman's network helper, which it records on first use, and debootstrap for the base).
 dev_packages=(postgresql ceph-mon ceph-osd ceph-mgr golang-go golang-github-masterminds-sprig-dev golang-github-ghodss-yaml-dev
-  podman buildah runc debootstrap)
+  podman buildah runc netavark debootstrap)
 
 install_debian_packages() {
   local missing=() pkg
