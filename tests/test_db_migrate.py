@@ -220,3 +220,13 @@ def test_postgresql_back_to_sqlite_keeps_every_row_as_it_was(postgres: PostgresC
     original = content(seeded_sqlite)
     assert original["volume_types"] and original["quota_classes"] and original["workers"]
     assert content(back) == original
+
+
+def test_a_password_in_a_url_is_never_printed(tmp_path):
+    """A database that cannot be reached: the command fails with the driver's reason, and neither URL's
+    password shows (the target, an SQLite file, is not even created)."""
+    target = tmp_path / "target.sqlite"
+    code, output = migrate("postgresql://mbs:s3cret-pw@127.0.0.1:1/mbs", f"sqlite:///{target}")
+    assert code == 1 and "failed, the target is left as it was" in output and "Connection refused" in output, output
+    assert "s3cret-pw" not in output
+    assert not target.exists()
