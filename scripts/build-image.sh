@@ -93,10 +93,17 @@ else
   fi
   [[ -s $ca_bundle ]] && secret=(--secret "id=pip-ca,src=$ca_bundle")
 fi
-# The image the tag named before is removed once the tag moves (its layers that the new one shares stay,
-# and so do the intermediate images the next build reuses).
-previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
-podman build --pull=never --network=host --layers --jobs=2 "${engine[@]}" "${secret[@]}" -t "$tag" "$@" .
-if [[ -n $previous && $previous != $(podman image inspect --format '{{.Id}}' "$tag") ]]; then
-  podman rmi "$previous" >/dev/null 2>&1 || true
-fi
+# The builder stage is built and tagged first ("TAG-builder"), so that it stays as the next build's cache;
+# then the image. The images these tags named before are removed once the tags move (the layers the new
+# ones share stay).
+build() {
+  local tag=$1 previous
+  shift
+  previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+  podman build --pull=never --network=host --layers --jobs=2 "${engine[@]}" "${secret[@]}" -t "$tag" "$@" .
+  if [[ -n $previous && $previous != $(podman image inspect --format '{{.Id}}' "$tag") ]]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true
+  fi
+}
+build "$tag-builder" --target builder "$@"
+build "$tag" "$@"

@@ -3,7 +3,7 @@ registry reachable, on a debian:12-slim made with debootstrap) and run with ``po
 answers, ``backend check`` initialises the loopback backend inside it, and the image holds what the
 driver runs with and nothing of what building it took.
 
-The built image stays in podman's storage: its layers are the next build's cache."""
+The built image and its builder stage stay in podman's storage: they are the next build's cache."""
 
 from __future__ import annotations
 
