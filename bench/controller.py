@@ -150,6 +150,11 @@ def rpc_round_trips(ctl: ControllerUnderTest, repeats: int) -> dict:
                     volume_id=volume_id, capacity_range=pb.CapacityRange(required_bytes=2 * GIB)
                 ),
             )
+            rpc(
+                "ControllerModifyVolume",
+                service.ControllerModifyVolume,
+                pb.ControllerModifyVolumeRequest(volume_id=volume_id, mutable_parameters={"total_iops_sec": "100"}),
+            )
             rpc("ControllerGetVolume", service.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=volume_id))
             rpc(
                 "ValidateVolumeCapabilities",

@@ -92,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     attachments.add_argument("--json", action="store_true", help="print JSON instead of text")
     attachments.set_defaults(func=_node_attachments)
 
+    db = sub.add_parser("db", help="database tools", description="Tools for the controller's database.")
+    db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    migrate = db_sub.add_parser(
+        "migrate",
+        help="copy the controller's database into another, empty one",
+        description="Copy every table of the controller's database (SQLAlchemy URL --from) into an empty "
+        "database (--to), in one transaction: a copy that fails or is killed leaves the target empty. Stop "
+        "the controller first. Exit code 0 when copied, 1 when refused or failed.",
+    )
+    migrate.add_argument("--from", dest="source", required=True, metavar="URL", help="the database in use")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database")
+    migrate.set_defaults(func=_db_migrate)
+
     version = sub.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=_version)
     return parser
@@ -150,7 +163,32 @@ def _node_attachments(args: argparse.Namespace) -> int:
     from mbs_csi.node import attachments
 
     settings = config.load_settings(args.config, os.environ, {"state_dir": args.state_dir})
-    print(attachments.render(attachments.list_attachments(settings.state_dir), args.json))
+    state_dir = settings.state_dir
+    print(attachments.render(attachments.list_attachments(state_dir), attachments.last_start(state_dir), args.json))
+    return 0
+
+
+def _db_migrate(args: argparse.Namespace) -> int:
+    import sqlalchemy
+
+    from mbs_csi.controller import migration
+
+    logs.setup("WARNING")
+    where = f"{migration.hidden(args.source)} to {migration.hidden(args.target)}"
+    try:
+        copied = migration.migrate(args.source, args.target)
+    except migration.MigrationRefused as exc:
+        print(f"mbs-csi: db migrate: refused: {exc}", file=sys.stderr)
+        return EXIT_START
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        # The driver's own message, without the statement and its values (rows may hold anything).
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0]
+        print(f"mbs-csi: db migrate: failed, the target is left as it was: {secrets.scrub(reason)}", file=sys.stderr)
+        return EXIT_START
+    for table, count in copied.rows.items():
+        if count:
+            print(f"{table}: {count}")
+    print(f"copied {sum(copied.rows.values())} rows in {len(copied.rows)} tables from {where}")
     return 0
 
 

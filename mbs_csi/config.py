@@ -23,7 +23,7 @@ from typing import Any, TypeVar, cast
 
 import yaml
 
-from mbs_csi import secrets
+from mbs_csi import mutable_parameters, secrets
 from mbs_csi.errors import ConfigError
 
 ROLES = ("controller", "node", "all")
@@ -83,6 +83,8 @@ class Backend:
     driver_options: Mapping[str, Any] = field(default_factory=dict)
     driver_sensitive_options: Mapping[str, secrets.Secret] = field(default_factory=dict)
     topology: Mapping[str, str] = field(default_factory=dict)
+    # Keys ControllerModifyVolume and CreateVolume's mutable_parameters may set (mutable_parameters.py).
+    mutable_parameters: tuple[str, ...] = ()
     max_volumes_per_node: int = 0  # volumes of this backend one node may have published (0: no limit)
 
     def all_options(self) -> dict[str, Any]:
@@ -99,6 +101,7 @@ class Backend:
             "driver_options": dict(self.driver_options),
             "driver_sensitive_options": secrets.masked(self.driver_sensitive_options),
             "topology": dict(self.topology),
+            "mutable_parameters": list(self.mutable_parameters),
             "max_volumes_per_node": self.max_volumes_per_node,
         }
 
@@ -471,6 +474,7 @@ BACKEND_KEYS = (
     "driver_options",
     "driver_sensitive_options",
     "topology",
+    "mutable_parameters",
     "max_volumes_per_node",
 )
 CONFIG_ENV = "MBS_CSI_CONFIG"
@@ -623,12 +627,22 @@ def parse_backend(raw: Any, source: str, key: str) -> Backend:
         raise ConfigError(
             source, f"{key}.max_volumes_per_node", f"expected an integer >= 0 (0: no limit), got {_describe(limit)}"
         )
+    mutable = raw.get("mutable_parameters")
+    if mutable is None:
+        mutable = mutable_parameters.default_for(driver)
+    elif not isinstance(mutable, list) or not all(isinstance(k, str) and k for k in mutable):
+        raise ConfigError(
+            source,
+            f"{key}.mutable_parameters",
+            f"expected a list of parameter names, e.g. [total_iops_sec], got {_describe(mutable)}",
+        )
     return Backend(
         name=name,
         volume_driver=driver,
         driver_options=MappingProxyType(plain),
         driver_sensitive_options=MappingProxyType(sensitive),
         topology=MappingProxyType(topology),
+        mutable_parameters=tuple(mutable),
         max_volumes_per_node=limit,
     )
 
@@ -639,6 +653,7 @@ def loopback_backend(state_dir: Path) -> Backend:
         name=LOOPBACK_BACKEND_NAME,
         volume_driver=LOOPBACK_DRIVER,
         driver_options=MappingProxyType({"loopback_dir": str(state_dir / "loopback")}),
+        mutable_parameters=mutable_parameters.default_for(LOOPBACK_DRIVER),
     )
 
 

@@ -18,6 +18,7 @@ def plugin_capabilities(settings: Settings) -> list[csi_pb2.PluginCapability]:
     caps = []
     if settings.runs_controller:
         caps.append(csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)))
+        caps.append(csi_pb2.PluginCapability(service=_Service(type=_Service.GROUP_CONTROLLER_SERVICE)))
     if settings.has_topology:
         caps.append(csi_pb2.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)))
     caps.append(csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)))

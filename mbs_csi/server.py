@@ -104,6 +104,7 @@ class Server:
         # Imported only for the controller role: a node never loads the controller's front.
         from mbs_csi.controller.client import BackendClient
         from mbs_csi.controller.connector_store import DatabaseConnectorStore, connector_store
+        from mbs_csi.controller.group_service import GroupControllerService
         from mbs_csi.controller.pool import WorkerPool
         from mbs_csi.controller.service import ControllerService
         from mbs_csi.controller.worker_config import worker_config
@@ -116,7 +117,9 @@ class Server:
         store = connector_store(settings, backend)
         if isinstance(store, DatabaseConnectorStore):
             self._publish_connector = store.publish  # role all: this process's node side publishes here
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, backend, store), self._grpc)
+        controller = ControllerService(settings, backend, store)
+        csi_pb2_grpc.add_ControllerServicer_to_server(controller, self._grpc)
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(controller), self._grpc)
         if settings.audit_interval > 0:
             from mbs_csi.controller.audit import PeriodicAudit
 

@@ -83,6 +83,9 @@ LIVE_TABLES = {
     "volume_metadata": "volume_id, key",
     "volume_admin_metadata": "volume_id, key",
     "snapshot_metadata": "snapshot_id, key",
+    "groups": "id, name, status",
+    "group_snapshots": "id, name, status",
+    "group_volume_type_mapping": "group_id, volume_type_id",
 }
 
 

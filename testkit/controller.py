@@ -4,6 +4,7 @@ real PostgreSQL), and the means to register nodes' connector properties the way 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import uuid
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import sqlalchemy
 import yaml
 
 from csi import csi_pb2_grpc
@@ -26,6 +28,13 @@ if TYPE_CHECKING:  # a type of the fixture helper only
     import pytest
 
 ZONE_KEY = "topology.mbs.csi.io/zone"
+
+_VOLUME_TYPE = sqlalchemy.text("SELECT volume_type_id FROM volumes WHERE id = :id")
+_TYPE_SPECS = sqlalchemy.text(
+    "SELECT q.key, q.value FROM volume_types t JOIN quality_of_service_specs q ON q.specs_id = t.qos_specs_id "
+    "WHERE t.id = :type AND q.key != 'consumer' "
+    "UNION ALL SELECT key, value FROM volume_type_extra_specs WHERE volume_type_id = :type"
+)
 
 
 def connector_for(node_id: str) -> dict[str, object]:
@@ -104,6 +113,31 @@ class ControllerUnderTest:
         finally:
             pool.close()
 
+    def volume_type(self, volume_id: str) -> tuple[str, dict[str, str]]:
+        """The volume's type as the database holds it: (its id, its QoS and extra specs), read directly."""
+        engine = sqlalchemy.create_engine(self.settings.database)
+        try:
+            with engine.connect() as connection:
+                type_id = connection.execute(_VOLUME_TYPE, {"id": volume_id}).scalar_one()
+                specs = dict(connection.execute(_TYPE_SPECS, {"type": type_id}).all())
+        finally:
+            engine.dispose()
+        return type_id, specs
+
+    def volume_type_names(self) -> list[str]:
+        """The names of every volume type in the database."""
+        return sorted(row[0] for row in self.execute("SELECT name FROM volume_types"))
+
+    def execute(self, statement: str, **parameters: object) -> list[sqlalchemy.Row]:
+        """Run one SQL statement on the controller's database (committed); the rows it returns."""
+        engine = sqlalchemy.create_engine(self.settings.database)
+        try:
+            with engine.begin() as connection:
+                result = connection.execute(sqlalchemy.text(statement), parameters)
+                return list(result.all()) if result.returns_rows else []
+        finally:
+            engine.dispose()
+
     def volume_file(self, volume_id: str) -> Path:
         return self.loopback / f"volume-{volume_id}"
 
@@ -115,13 +149,14 @@ class ControllerUnderTest:
         return loop.devices_under(self.loopback)
 
     def ready_worker_pids(self) -> list[int]:
-        """Workers that finished starting (the pool logs each one), still running."""
-        logged = {
-            int(line.rsplit("backend worker ", 1)[1].split()[0])
-            for line in self.driver.log().splitlines()
-            if line.endswith(" ready") and "backend worker" in line
-        }
-        return sorted(logged & set(self.worker_pids()))
+        """Workers that finished starting (the pool logs each one) and were not reported dead since, still
+        running. The last line naming a pid decides: pids are reused (``pid_max`` may be as low as 32768),
+        so a worker starting now may carry the pid of one that was ready before."""
+        ready: dict[int, bool] = {}
+        for line in self.driver.log().splitlines():
+            for pid in re.findall(r"backend worker (\d+)|\(worker (\d+) ", line):
+                ready[int(pid[0] or pid[1])] = line.endswith(" ready")
+        return sorted({pid for pid, is_ready in ready.items() if is_ready} & set(self.worker_pids()))
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.driver.proc.pid)], capture_output=True, text=True)
@@ -138,14 +173,17 @@ class ControllerUnderTest:
 
 @contextlib.contextmanager
 def controller_on(
-    request: pytest.FixtureRequest, nodes: tuple[str, ...], extra: dict[str, object] | None = None
+    request: pytest.FixtureRequest,
+    nodes: tuple[str, ...],
+    extra: dict[str, object] | None = None,
+    backends: list[dict] | None = None,
 ) -> Iterator[ControllerUnderTest]:
     """A controller on the database ``request.param`` names ("sqlite", or "postgresql": a new database of
     the session's ``postgres`` fixture), with ``nodes`` registered; fails if it leaves a loop device bound."""
     database = None
     if request.param == "postgresql":
         database = request.getfixturevalue("postgres").new_database(f"ctl_{uuid.uuid4().hex[:8]}")
-    controller = ControllerUnderTest(database, extra)
+    controller = ControllerUnderTest(database, extra, backends)
     controller.register_nodes(*nodes)
     yield controller
     leftovers = controller.loop_devices()

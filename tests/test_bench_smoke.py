@@ -43,6 +43,7 @@ def test_controller_benchmark_runs_and_reports_ratios(tmp_path):
     assert loopback["derived"]["volume/1"]["create_ratio"] > 0
     assert {"mbs_csi", "raw_cinderlib"} <= set(loopback["derived"]["snapshot/scaling"])
     assert loopback["raw_cinderlib_crashes"] == 0  # only librbd crashes it, and loopback has no librbd
+    assert loopback["round_trips"]["ControllerModifyVolume"]["round_trips"] == 1
 
 
 def test_node_benchmark_runs_and_reports_its_figures(tmp_path):

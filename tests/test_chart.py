@@ -31,56 +31,112 @@ NAMESPACE = "storage"
 RELEASE = "mbs-csi"
 PG_SET = ("database.type=postgresql", "database.postgresql.existingSecret=pg-url")
 
-SIDECAR_IMAGES = {
+SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
+
+# The sidecar releases the chart runs, per band of Kubernetes minors, and where each figure came from.
+# 1.34 on: the current releases. Below 1.34 each sidecar's newest release whose minimum Kubernetes version
+# (its release notes' "Minimum Kubernetes version", the same figure as the kubernetes-csi docs'
+# compatibility tables) is at most 1.30:
+#   csi-provisioner  v6.x needs 1.34 (v6.0.0, v6.0.2, v6.2.1 release notes: "minimum Kubernetes version
+#                    is 1.34 for the storage/v1 VolumeAttributesClass API"), so v5.3.0, the last v5 (v5.x:
+#                    minimum 1.20 per the v5.2.0 release notes; v5.3.0's own page was not found).
+#   csi-attacher     v4.12.0: v4.x minimum 1.17 (docs table for v4.0-v4.8, v4.13.0 release notes).
+#   csi-snapshotter  v8.6.0: v8.x minimum 1.25 (docs table for v8.0-v8.2, v8.5.0 release notes).
+#   csi-resizer      v2.2.1: minimum 1.16 (v2.2.1 and v2.0.0 release notes; CHANGELOG-2.0: its
+#                    VolumeAttributesClass gate turns itself off where the storage/v1 API is missing).
+#   csi-node-driver-registrar v2.17.0: v2.x minimum 1.13 (docs table).
+CURRENT = {
     "csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0",
     "csi-attacher": "registry.k8s.io/sig-storage/csi-attacher:v4.12.0",
     "csi-snapshotter": "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0",
     "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1",
-    "node-driver-registrar": "registry.k8s.io/sig-storage/node-driver-registrar:v2.17.0",
+    "node-driver-registrar": "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.17.0",
+}
+SIDECAR_IMAGES = {
+    "1.34": CURRENT,
+    "1.30": CURRENT | {"csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v5.3.0"},
 }
 LEADER_ELECTED = ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer")
 
-# What each container of the controller pod does with the Kubernetes API: the rules of the sidecars'
-# deploy/kubernetes RBAC files at the pinned releases, and the driver's connector-store read.
 # (api group, resource): verbs.
-NEEDS: dict[str, dict[tuple[str, str], set[str]]] = {
-    "csi-provisioner": {
-        ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
-        ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
-        ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
-        ("", "events"): {"list", "watch", "create", "update", "patch"},
-        ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
-        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
-        ("", "nodes"): {"get", "list", "watch"},
-        ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
+Rules = dict[tuple[str, str], set[str]]
+
+# What each sidecar release's deploy/kubernetes RBAC file grants (the ClusterRole; the leader-election
+# Role is LEASES), as far as the files could be read here. None of the pinned releases' files is stored
+# in the reference index this was written from, so:
+#   csi-provisioner v5.3.0: v5.2.0's deploy/kubernetes/rbac.yaml, as a third-party project says it vendors
+#     it verbatim (csi-driver-host-path v1.17.0's sidecars), assumed unchanged in v5.3.0 (VolumeAttributesClass
+#     is behind a feature gate, off by default, in v5), less the copy's "patch volumeattachments/status" rule:
+#     the same copy is wrong about the snapshotter (see below), and that rule is the attacher's. Not verified.
+#   csi-provisioner v6.3.0: the chart's earlier rules, written for v6.3.0, plus watch and update on
+#     volumesnapshots, which issue 15 reports v6.3.0's file grants (its snapshot finalizer), and
+#     volumeattributesclasses (GA, on by default in v6); v6.3.0's file itself was not found.
+#   csi-attacher v4.12.0: equal to v4.8.0's file as vendored in the same project.
+#   csi-snapshotter v8.6.0: upstream's deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml as stored
+#     at commit 02c0340f (a v8.x file: it has the group snapshot rules; which release it belongs to could
+#     not be told). The third-party copy said to be v8.2.0's also grants delete on volumesnapshotcontents,
+#     which upstream removed in 2022 (external-snapshotter #689): that copy is not taken as evidence.
+#   csi-resizer v2.2.1: v1.13.1's file as vendored there, plus volumeattributesclasses (ModifyVolume, on by
+#     default from v2.0.0); v2.2.1's file itself was not found.
+EVENTS = {("", "events"): {"list", "watch", "create", "update", "patch"}}
+PROVISIONER_COMMON: Rules = {
+    ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+    ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+    **EVENTS,
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+    ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
+}
+RELEASE_RULES: dict[str, Rules] = {
+    "csi-provisioner:v5.3.0": PROVISIONER_COMMON | {("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"}},
+    "csi-provisioner:v6.3.0": PROVISIONER_COMMON
+    | {
+        ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch", "update"},
         ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
     },
-    "csi-attacher": {
+    "csi-attacher:v4.12.0": {
         ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
         ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
         ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch", "patch"},
         ("storage.k8s.io", "volumeattachments/status"): {"patch"},
     },
-    "csi-snapshotter": {
-        ("", "events"): {"list", "watch", "create", "update", "patch"},
+    "csi-snapshotter:v8.6.0": {
+        **EVENTS,
         ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+        # create: the VolumeSnapshotContents of a group snapshot's members
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"create", "get", "list", "watch", "update", "patch"},
         ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses"): {"get", "list", "watch"},
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status"): {"update", "patch"},
     },
-    "csi-resizer": {
+    "csi-resizer:v2.2.1": {
         ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
         ("", "persistentvolumeclaims"): {"get", "list", "watch"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "persistentvolumeclaims/status"): {"patch"},
-        ("", "events"): {"list", "watch", "create", "update", "patch"},
+        **EVENTS,
         ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
     },
-    "mbs-csi": {("", "nodes"): {"get"}},
 }
-LEASES = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}}
+# The driver in the controller pod reads the connector annotation of Nodes.
+DRIVER_RULES: Rules = {("", "nodes"): {"get"}}
+LEASES: Rules = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}}
 # The node plugin patches the connector annotation of its own Node: that and nothing else.
-NODE_RULES = {("", "nodes"): {"get", "patch"}}
+NODE_RULES: Rules = {("", "nodes"): {"get", "patch"}}
+
+
+class DuplicateKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping with a key twice (the API server would take one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key(s) {duplicates}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 class RenderError(Exception):
@@ -91,6 +147,12 @@ class RenderError(Exception):
 class Rendered:
     docs: list[dict[str, Any]]
     sources: set[str] = field(default_factory=set)
+    kube_version: str = "1.34"
+    snapshot_api: bool = False
+
+    @property
+    def kube_minor(self) -> str:
+        return ".".join(self.kube_version.lstrip("v").split(".")[:2])
 
     def all(self, kind: str) -> list[dict[str, Any]]:
         return [d for d in self.docs if d["kind"] == kind]
@@ -147,10 +209,29 @@ def renderer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def render(renderer: Path):
-    def run(*values: Path, sets: tuple[str, ...] = (), strict: bool = True, chart: Path = CHART) -> Rendered:
+def render(renderer: Path, tmp_path: Path):
+    """Render like `helm template`: Kubernetes ``kube_version`` (None: the renderer's default, as helm's),
+    the built-in API versions plus ``api_versions``."""
+
+    def run(
+        *values: Path,
+        sets: tuple[str, ...] = (),
+        strict: bool = True,
+        chart: Path = CHART,
+        kube_version: str | None = None,
+        api_versions: tuple[str, ...] = (),
+        cluster: list[dict[str, Any]] | None = None,
+    ) -> Rendered:
         cmd = [str(renderer), "-chart", str(chart), "-name", RELEASE, "-namespace", NAMESPACE]
         cmd += ["-strict"] if strict else []
+        cmd += ["--kube-version", kube_version] if kube_version else []
+        for api_version in api_versions:
+            cmd += ["--api-versions", api_version]
+        if cluster is not None:
+            # What lookup finds, as at `helm install` against a cluster holding these objects.
+            objects = tmp_path / "lookup-objects.yaml"
+            objects.write_text(yaml.safe_dump(cluster))
+            cmd += ["-lookup", str(objects)]
         for file in values:
             cmd += ["-f", str(file)]
         for item in sets:
@@ -158,25 +239,37 @@ def render(renderer: Path):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RenderError(proc.stderr)
-        docs = [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+        try:
+            docs = [d for d in yaml.load_all(proc.stdout, Loader=DuplicateKeyLoader) if d is not None]
+        except yaml.YAMLError as exc:
+            raise RenderError(f"the output is not valid YAML: {exc}") from exc
         sources = set(re.findall(r"^# Source: (\S+)$", proc.stdout, flags=re.M))
-        return Rendered(docs, sources)
+        return Rendered(docs, sources, kube_version or "1.34", SNAPSHOT_API in api_versions)
 
     return run
 
 
-# Every values set the chart is rendered with: the defaults, each example, and PostgreSQL with 2 replicas.
+# Every configuration the chart is rendered with: the defaults on the oldest and newest supported
+# Kubernetes, with and without the VolumeSnapshot API, each example, and PostgreSQL with 2 replicas.
 CASES = [
-    pytest.param(((), ()), id="defaults"),
-    *[pytest.param(((f,), ()), id=f.stem) for f in EXAMPLES],
-    pytest.param(((), (*PG_SET, "controller.replicas=2")), id="postgresql-2-replicas"),
+    *[
+        pytest.param(((), (), kube, apis), id=f"defaults-{kube}-{'snapshots' if apis else 'no-snapshot-api'}")
+        for kube in ("1.30.0", "1.34.0")
+        for apis in ((), (SNAPSHOT_API,))
+    ],
+    *[
+        pytest.param(((f,), (), kube, (SNAPSHOT_API,)), id=f"{f.stem}-{kube}")
+        for f in EXAMPLES
+        for kube in ("1.30.0", "1.34.0")
+    ],
+    pytest.param(((), (*PG_SET, "controller.replicas=2"), "1.34.0", (SNAPSHOT_API,)), id="postgresql-2-replicas"),
 ]
 
 
 @pytest.fixture(params=CASES)
 def rendered(request: pytest.FixtureRequest, render) -> Rendered:
-    files, sets = request.param
-    return render(*files, sets=sets)
+    files, sets, kube_version, api_versions = request.param
+    return render(*files, sets=sets, kube_version=kube_version, api_versions=api_versions)
 
 
 def test_renderer_source_is_gofmt_clean():
@@ -219,7 +312,7 @@ def test_every_template_renders_in_some_configuration(render, tmp_path: Path):
     node_stage = ceph_values_with_node_stage_secret(tmp_path, {"data": {"keyring": "[client.cinder]\n\tkey = AQ==\n"}})
     sources: set[str] = set()
     for files, sets in [((), ()), *[((f,), ()) for f in EXAMPLES], ((node_stage,), ())]:
-        sources |= render(*files, sets=sets).sources
+        sources |= render(*files, sets=sets, api_versions=(SNAPSHOT_API,)).sources
     sources |= render(sets=("database.type=postgresql", "database.postgresql.url=postgresql://u:p@db/mbs")).sources
     templates = {
         f"mbs-csi/templates/{p.name}"
@@ -269,10 +362,43 @@ def test_sidecars_run_exactly_the_pinned_releases(rendered: Rendered):
         for c in pod_spec(obj)["containers"]:
             if c["name"] != "mbs-csi":
                 assert images.setdefault(c["name"], c["image"]) == c["image"]
-    assert images == SIDECAR_IMAGES
+    expected = SIDECAR_IMAGES[rendered.kube_minor]
+    if not rendered.snapshot_api:
+        expected = {k: v for k, v in expected.items() if k != "csi-snapshotter"}
+    assert images == expected
     for obj in [rendered.controller, rendered.node, rendered.test_pod]:
         driver = [c for c in pod_spec(obj)["containers"] if c["name"] in {"mbs-csi", "backend-check"}]
         assert [c["image"] for c in driver] == ["mbs-csi:0.1.0"]
+
+
+@pytest.mark.parametrize(
+    ("kube_version", "minor"),
+    [("1.30.0", "1.30"), ("v1.31.4", "1.30"), ("1.33.9-gke.1200", "1.30"), ("1.34.0", "1.34"), ("1.36.2", "1.34")],
+)
+def test_sidecar_versions_follow_the_kubernetes_version(render, kube_version: str, minor: str):
+    rendered = render(kube_version=kube_version, api_versions=(SNAPSHOT_API,))
+    images = {
+        c["name"]: c["image"] for obj in [rendered.controller, rendered.node] for c in pod_spec(obj)["containers"]
+    }
+    assert {k: v for k, v in images.items() if k != "mbs-csi"} == SIDECAR_IMAGES[minor]
+
+
+def test_a_sidecar_image_set_in_values_replaces_the_releases(render):
+    image = "registry.example.com/mirror/csi-provisioner:v6.2.1"
+    for kube_version in ("1.30.0", "1.34.0"):
+        rendered = render(sets=(f"sidecars.provisioner.image={image}",), kube_version=kube_version)
+        assert container(rendered.controller, "csi-provisioner")["image"] == image
+        # ...and the provisioner's RBAC follows the release it runs.
+        assert role_rules(rendered, "provisioner") == RELEASE_RULES["csi-provisioner:v6.3.0"]
+
+
+@pytest.mark.parametrize("kube_version", ["1.29.9", "1.20.0"])
+def test_kubernetes_below_1_30_is_refused_as_helm_refuses_it(render, kube_version: str):
+    with pytest.raises(
+        RenderError,
+        match=rf"requires kubeVersion: >=1\.30\.0-0 which is incompatible with Kubernetes v{re.escape(kube_version)}",
+    ):
+        render(kube_version=kube_version)
 
 
 def test_sidecars_share_the_driver_socket(rendered: Rendered):
@@ -289,10 +415,25 @@ def test_sidecars_share_the_driver_socket(rendered: Rendered):
     assert volumes["socket-dir"] == {"name": "socket-dir", "emptyDir": {}}
 
 
-def effective_rules(rendered: Rendered, service_account: str) -> dict[tuple[str, str], set[str]]:
+def rules_of(rules: list[dict[str, Any]]) -> Rules:
+    """(api group, resource) -> verbs of a Role's rules, refusing wildcards."""
+    granted: Rules = {}
+    for rule in rules:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def role_rules(rendered: Rendered, suffix: str) -> Rules:
+    return rules_of(rendered.one("ClusterRole", f"{RELEASE}-{suffix}")["rules"])
+
+
+def effective_rules(rendered: Rendered, service_account: str) -> Rules:
     """Every (api group, resource) -> verbs the ServiceAccount gets through (Cluster)RoleBindings."""
     roles = {(d["kind"], d["metadata"]["name"]): d for d in rendered.all("ClusterRole") + rendered.all("Role")}
-    granted: dict[tuple[str, str], set[str]] = {}
+    granted: Rules = {}
     for binding in rendered.all("ClusterRoleBinding") + rendered.all("RoleBinding"):
         subject = {"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}
         if subject not in binding["subjects"]:
@@ -301,35 +442,33 @@ def effective_rules(rendered: Rendered, service_account: str) -> dict[tuple[str,
         assert ref["apiGroup"] == "rbac.authorization.k8s.io"
         role = roles[(ref["kind"], ref["name"])]
         assert role["kind"] == "ClusterRole" or role["metadata"]["namespace"] == NAMESPACE
-        for rule in role["rules"]:
-            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-            for group in rule["apiGroups"]:
-                for resource in rule["resources"]:
-                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+        for key, verbs in rules_of(role["rules"]).items():
+            granted.setdefault(key, set()).update(verbs)
     return granted
 
 
-def test_each_controller_container_gets_the_rbac_it_needs(rendered: Rendered):
+def test_each_sidecar_gets_exactly_the_rbac_of_its_release(rendered: Rendered):
     spec = pod_spec(rendered.controller)
-    granted = effective_rules(rendered, spec["serviceAccountName"])
-    containers = {c["name"] for c in spec["containers"]}
-    assert containers == set(NEEDS)
-    wanted: dict[tuple[str, str], set[str]] = {}
-    for name in containers:
-        for key, verbs in NEEDS[name].items():
-            missing = verbs - granted.get(key, set())
-            assert not missing, f"{name} needs {sorted(missing)} on {key}"
+    wanted: Rules = {}
+    for c in spec["containers"]:
+        if c["name"] == "mbs-csi":
+            rules = DRIVER_RULES
+            assert role_rules(rendered, "controller") == rules
+        else:
+            release = c["image"].rpartition("/")[2]
+            rules = RELEASE_RULES[release]
+            assert role_rules(rendered, c["name"].removeprefix("csi-")) == rules, release
+            assert "--leader-election" in c["args"], c["name"]
+        for key, verbs in rules.items():
             wanted.setdefault(key, set()).update(verbs)
-    if "--leader-election" in container(rendered.controller, "csi-provisioner")["args"]:
-        for key, verbs in LEASES.items():
-            assert verbs <= granted.get(key, set())
-            wanted.setdefault(key, set()).update(verbs)
-    # Least privilege: nothing beyond those rules, save the group snapshot rules upstream's
-    # csi-snapshotter RBAC carries; no Secret in particular.
-    extra = {k for k in granted if k not in wanted and not k[0].startswith("groupsnapshot.")}
-    assert extra == set()
-    assert all(granted[k] == wanted[k] for k in wanted)
-    assert not any(resource == "secrets" for _, resource in granted)
+    # Leader election at any replica count; its Role is namespaced.
+    role = rendered.one("Role", f"{RELEASE}-leader-election")
+    assert rules_of(role["rules"]) == LEASES
+    wanted |= LEASES
+    # The ServiceAccount gets the union and nothing else: no Secret in particular, and no snapshotter
+    # rules when the snapshotter does not run.
+    assert effective_rules(rendered, spec["serviceAccountName"]) == wanted
+    assert ("csi-snapshotter" in {c["name"] for c in spec["containers"]}) == rendered.snapshot_api
 
 
 def test_node_plugin_may_only_read_and_patch_nodes(rendered: Rendered):
@@ -345,9 +484,10 @@ def test_sqlite_means_one_recreated_replica_with_its_state_on_a_claim(render):
     deployment = rendered.controller
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    for name in LEADER_ELECTED:
-        assert not any(a.startswith("--leader-election") for a in container(deployment, name)["args"])
-    assert rendered.all("Role") == []
+    # One replica still elects a leader: it holds the lease the next pod waits for.
+    for name in ("csi-provisioner", "csi-attacher", "csi-resizer"):
+        assert "--leader-election" in container(deployment, name)["args"], name
+        assert f"--leader-election-namespace={NAMESPACE}" in container(deployment, name)["args"], name
     claim = rendered.one("PersistentVolumeClaim")
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     state = {v["name"]: v for v in pod_spec(deployment)["volumes"]}["state"]
@@ -369,7 +509,7 @@ def test_several_replicas_with_sqlite_are_refused(render, tmp_path: Path, how: s
 
 
 def test_several_replicas_with_postgresql_elect_leaders_and_keep_no_claim(render):
-    rendered = render(sets=(*PG_SET, "controller.replicas=2"))
+    rendered = render(sets=(*PG_SET, "controller.replicas=2"), api_versions=(SNAPSHOT_API,))
     deployment = rendered.controller
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
@@ -394,7 +534,7 @@ def test_node_plugin_gets_neither_the_backends_secrets_nor_the_database(rendered
 def test_node_plugin_mounts_what_attaching_and_mounting_need(render, kubelet_dir: str):
     rendered = render(sets=(f"node.kubeletDir={kubelet_dir}",))
     spec = pod_spec(rendered.node)
-    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert spec["hostNetwork"] is True and "hostPID" not in spec
     assert {"operator": "Exists"} in spec["tolerations"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     driver = container(rendered.node, "mbs-csi")
@@ -435,7 +575,7 @@ def test_csidriver_object(render):
 
 
 def test_a_storage_class_per_backend_and_a_snapshot_class(render):
-    rendered = render(CHART / "examples" / "ceph-rbd.yaml")
+    rendered = render(CHART / "examples" / "ceph-rbd.yaml", api_versions=(SNAPSHOT_API,))
     storage_class = rendered.one("StorageClass", "mbs-ceph")
     assert storage_class["provisioner"] == "mbs.csi.io" and storage_class["allowVolumeExpansion"] is True
     assert storage_class["parameters"] == {
@@ -608,7 +748,7 @@ def test_controller_runs_as_non_root_by_default(render):
 
 
 def test_metrics_service_and_health_probes(render):
-    rendered = render()
+    rendered = render(api_versions=(SNAPSHOT_API,))
     ports = {p["name"]: p["port"] for p in rendered.one("Service")["spec"]["ports"]}
     assert ports == {
         "metrics": 9810,
@@ -632,8 +772,20 @@ def test_metrics_service_and_health_probes(render):
     assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "healthz"}
 
 
+def test_group_snapshots_turn_on_the_snapshotters_feature_gate(render):
+    gate = "--feature-gates=CSIVolumeGroupSnapshot=true"
+    default = render(api_versions=(SNAPSHOT_API,))
+    assert gate not in container(default.controller, "csi-snapshotter")["args"]  # off by default
+    rendered = render(sets=("snapshots.groupSnapshots=true",), api_versions=(SNAPSHOT_API,))
+    assert gate in container(rendered.controller, "csi-snapshotter")["args"]
+    granted = effective_rules(rendered, pod_spec(rendered.controller)["serviceAccountName"])
+    assert granted[("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents")] >= {"get", "update", "patch"}
+    assert granted[("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses")] >= {"get", "list", "watch"}
+    assert "create" in granted[("snapshot.storage.k8s.io", "volumesnapshotcontents")]
+
+
 def test_snapshots_can_be_turned_off(render):
-    rendered = render(sets=("snapshots.enabled=false",))
+    rendered = render(sets=("snapshots.enabled=false",), api_versions=(SNAPSHOT_API,))
     assert "csi-snapshotter" not in {c["name"] for c in pod_spec(rendered.controller)["containers"]}
     assert rendered.all("VolumeSnapshotClass") == []
     assert not any(r["metadata"]["name"].endswith("-snapshotter") for r in rendered.all("ClusterRole"))
@@ -702,3 +854,168 @@ def test_values_are_documented_key_by_key():
             assert previous.lstrip().startswith("#"), f"values.yaml:{number}: no comment above {line.strip()}"
         if line.strip():
             previous = line
+
+
+# --- Kubernetes versions, the cluster's APIs, and what the chart refuses -----------------------------
+
+
+def test_renderer_capabilities_and_lookup_like_helm(render, tmp_path: Path):
+    chart = tmp_path / "caps"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: caps\nversion: 1.0.0\nkubeVersion: '>=1.25.0-0'\n")
+    (chart / "values.yaml").write_text("{}\n")
+    (chart / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: caps\ndata:\n"
+        "  version: {{ .Capabilities.KubeVersion.Version | quote }}\n"
+        "  minor: {{ .Capabilities.KubeVersion.Minor | quote }}\n"
+        '  printed: {{ printf "%s" .Capabilities.KubeVersion | quote }}\n'
+        '  apps: {{ .Capabilities.APIVersions.Has "apps/v1" | quote }}\n'
+        '  snapshots: {{ .Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1" | quote }}\n'
+        '  recent: {{ semverCompare ">=1.34.0-0" .Capabilities.KubeVersion.Version | quote }}\n'
+        '  found: {{ (lookup "v1" "Namespace" "" "kube-system").metadata | default dict | keys | join "," | quote }}\n'
+        '  listed: {{ dig "items" list (lookup "v1" "Namespace" "" "") | len | quote }}\n'
+    )
+    # helm template's defaults: its own Kubernetes version, the built-in APIs only, lookup finds nothing.
+    data = render(chart=chart, strict=False).one("ConfigMap")["data"]
+    assert data == {
+        "version": "v1.34.0",
+        "minor": "34",
+        "printed": "v1.34.0",
+        "apps": "true",
+        "snapshots": "false",
+        "recent": "true",
+        "found": "",
+        "listed": "0",
+    }
+    namespaces = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in ("kube-system", "a")]
+    data = render(
+        chart=chart, strict=False, kube_version="1.30.2", api_versions=(SNAPSHOT_API,), cluster=namespaces
+    ).one("ConfigMap")["data"]
+    assert data["version"] == "v1.30.2" and data["minor"] == "30" and data["recent"] == "false"
+    assert data["snapshots"] == "true"
+    assert data["found"] == "name" and data["listed"] == "2"
+    with pytest.raises(
+        RenderError, match=r"chart requires kubeVersion: >=1\.25\.0-0 which is incompatible with Kubernetes v1\.24\.0"
+    ):
+        render(chart=chart, kube_version="1.24.0")
+
+
+def test_without_the_snapshot_api_no_snapshot_object_is_made(render):
+    rendered = render()  # as `helm template` or a cluster without the VolumeSnapshot CRDs
+    assert not any(d["apiVersion"].startswith("snapshot.storage.k8s.io/") for d in rendered.docs)
+    assert "csi-snapshotter" not in {c["name"] for c in pod_spec(rendered.controller)["containers"]}
+    assert not any(d["metadata"]["name"].endswith("-snapshotter") for d in rendered.all("ClusterRole"))
+    assert not any(d["metadata"]["name"].endswith("-snapshotter") for d in rendered.all("ClusterRoleBinding"))
+    assert "snap-metrics" not in {p["name"] for p in rendered.one("Service")["spec"]["ports"]}
+    for how in [{"api_versions": (SNAPSHOT_API,)}, {"sets": ("snapshots.force=true",)}]:
+        forced = render(**how)
+        assert forced.one("VolumeSnapshotClass")["driver"] == "mbs.csi.io", how
+        assert "csi-snapshotter" in {c["name"] for c in pod_spec(forced.controller)["containers"]}, how
+        assert role_rules(forced, "snapshotter") == RELEASE_RULES["csi-snapshotter:v8.6.0"], how
+        assert "snap-metrics" in {p["name"] for p in forced.one("Service")["spec"]["ports"]}, how
+
+
+@pytest.mark.parametrize("backend_timeout", [30, 300, 900])
+def test_sidecars_wait_longer_than_a_backend_call_may_take(render, backend_timeout: int):
+    rendered = render(sets=(f"controller.backendTimeout={backend_timeout}",), api_versions=(SNAPSHOT_API,))
+    config = yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])
+    assert config["backend_timeout"] == backend_timeout
+    for name in LEADER_ELECTED:
+        (timeout,) = [
+            a.partition("=")[2] for a in container(rendered.controller, name)["args"] if a.startswith("--timeout=")
+        ]
+        assert re.fullmatch(r"\d+s", timeout), timeout
+        assert int(timeout[:-1]) == backend_timeout + 60, name
+
+
+def test_registrar_runs_with_the_upstream_settings(render):
+    registrar = container(render().node, "node-driver-registrar")
+    assert registrar["image"].startswith("registry.k8s.io/sig-storage/csi-node-driver-registrar:")
+    assert "--timeout=30s" in registrar["args"]
+    assert "--http-endpoint=127.0.0.1:9859" in registrar["args"]
+    assert registrar["ports"] == [{"name": "registrar", "containerPort": 9859}]
+    probe = registrar["livenessProbe"]
+    assert probe["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": "registrar"}
+    assert probe["timeoutSeconds"] >= 5
+
+
+def test_pods_are_confined_where_they_can_be(render):
+    rendered = render(api_versions=(SNAPSHOT_API,))
+    node = pod_spec(rendered.node)
+    assert "hostPID" not in node  # nothing in the node plugin enters or signals host processes
+    for obj in [rendered.controller, rendered.node]:
+        for c in pod_spec(obj)["containers"]:
+            if c["name"] == "mbs-csi":
+                continue
+            security = c["securityContext"]
+            assert security["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+            assert security["capabilities"] == {"drop": ["ALL"]}, c["name"]
+            assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert pod_spec(rendered.controller)["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert node["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    control_plane = {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}
+    assert pod_spec(rendered.controller)["tolerations"] == [control_plane]
+
+
+def default_backend_values(tmp_path: Path) -> Path:
+    """A backend whose StorageClass is the cluster default."""
+    values = tmp_path / "default-class.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {"backends": [{"name": "xtremio", "volume_driver": "x.Driver", "storageClass": {"isDefault": True}}]}
+        )
+    )
+    return values
+
+
+def test_the_controller_claim_on_its_own_default_class_is_refused(render, tmp_path: Path):
+    values = default_backend_values(tmp_path)
+    with pytest.raises(RenderError, match=r"backends\[xtremio\]\.storageClass\.isDefault .* cannot start without it"):
+        render(values)
+    # Any way of keeping the claim off this driver's class is accepted.
+    for sets in [
+        ("controller.state.persistentVolumeClaim.storageClassName=standard",),
+        ("controller.state.persistentVolumeClaim.existingClaim=state",),
+        ("controller.state.hostPath=/var/lib/mbs-csi-controller",),
+        PG_SET,
+    ]:
+        render(values, sets=sets)
+    claim = render(values, sets=("controller.state.persistentVolumeClaim.storageClassName=standard",))
+    assert claim.one("PersistentVolumeClaim")["spec"]["storageClassName"] == "standard"
+
+
+def test_the_cluster_default_class_of_this_driver_is_refused_at_install(render):
+    def storage_class(name: str, provisioner: str, default: bool) -> dict[str, Any]:
+        annotations = {"storageclass.kubernetes.io/is-default-class": "true"} if default else {}
+        meta = {"name": name, "annotations": annotations}
+        return {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": meta, "provisioner": provisioner}
+
+    ours = [storage_class("standard", "rancher.io/local-path", False), storage_class("fast", "mbs.csi.io", True)]
+    with pytest.raises(RenderError, match=r"default StorageClass fast is served by this driver \(mbs\.csi\.io\)"):
+        render(cluster=ours)
+    render(
+        cluster=[storage_class("standard", "rancher.io/local-path", True), storage_class("fast", "mbs.csi.io", False)]
+    )
+    render(cluster=ours, sets=("controller.state.persistentVolumeClaim.storageClassName=standard",))
+    # An upgrade: the claim exists and keeps the class it was bound with.
+    claim_meta = {"name": f"{RELEASE}-controller-state", "namespace": NAMESPACE}
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": claim_meta}
+    render(cluster=[*ours, claim])
+
+
+def test_storage_class_parameters_the_driver_refuses_are_refused(render, tmp_path: Path):
+    values = tmp_path / "parameters.yaml"
+    backend = {"name": "ceph", "volume_driver": "x.Driver", "storageClass": {"parameters": {"backend": "other"}}}
+    values.write_text(yaml.safe_dump({"backends": [backend]}))
+    with pytest.raises(RenderError, match=r"backends\[ceph\]\.storageClass\.parameters: the driver accepts no"):
+        render(values)
+
+
+def test_a_duplicate_key_cannot_render(render, tiny_chart: Path):
+    # What a StorageClass parameter set twice used to render: the check refuses it.
+    (tiny_chart / "templates" / "sc.yaml").write_text(
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: x\nprovisioner: p\n"
+        "parameters:\n  backend: a\n  backend: b\n"
+    )
+    with pytest.raises(RenderError, match=r"duplicate key\(s\) \['backend'\]"):
+        render(chart=tiny_chart)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mbs_csi import config
+from mbs_csi import config, mutable_parameters
 from mbs_csi.errors import ConfigError
 from testkit.driver import driver_env, run_cli
 
@@ -167,6 +167,10 @@ BAD_FILES = [
         {"default_backend": "y", "backends": [{"name": "x", "volume_driver": "a.B"}]},
         "key 'default_backend': no backend called 'y'; configured: x",
     ),
+    (
+        {"backends": [{"name": "x", "volume_driver": "a.B", "mutable_parameters": "total_iops_sec"}]},
+        "key 'backends[0].mutable_parameters': expected a list of parameter names",
+    ),
     (["role", "all"], "expected a mapping of settings at the top, got list"),
 ]
 
@@ -179,6 +183,17 @@ def test_bad_file_content_is_refused_with_source_key_and_expectation(tmp_path, d
     assert str(caught.value).startswith(path + ":")
     assert message in str(caught.value)
     assert "hunter2x" not in str(caught.value)
+
+
+def test_mutable_parameters_default_to_what_the_driver_applies_unless_listed(tmp_path):
+    listed = {**RBD, "name": "listed", "mutable_parameters": ["total_iops_sec", "replication_enabled"]}
+    other = {"name": "other", "volume_driver": "vendor.drivers.Array"}
+    settings = config.load_settings(write(tmp_path, {"backends": [RBD, listed, other]}), env={})
+    assert settings.backend("ceph").mutable_parameters == mutable_parameters.QOS_LIMITS
+    assert settings.backend("listed").mutable_parameters == ("total_iops_sec", "replication_enabled")
+    assert settings.backend("other").mutable_parameters == ()  # an unknown driver: only what is listed
+    assert config.load_settings(env={}).backends[0].mutable_parameters == mutable_parameters.QOS_LIMITS
+    assert settings.backend("listed").describe()["mutable_parameters"] == ["total_iops_sec", "replication_enabled"]
 
 
 def test_unparseable_yaml_names_the_line(tmp_path):

@@ -116,6 +116,10 @@ def serves(ctl, capability: int, volume: pb.Volume, snap: pb.Snapshot) -> bool:
         case RPC.VOLUME_CONDITION:
             status = stub.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=volume_id)).status
             return status.HasField("volume_condition") and not status.volume_condition.abnormal
+        case RPC.MODIFY_VOLUME:
+            request = pb.ControllerModifyVolumeRequest(volume_id=volume_id, mutable_parameters={"total_iops_sec": "50"})
+            stub.ControllerModifyVolume(request)
+            return ctl.volume_type(volume_id)[1] == {"total_iops_sec": "50"}
         case RPC.SINGLE_NODE_MULTI_WRITER:
             made = create(ctl, caps=[mount_cap(mode=Mode.SINGLE_NODE_MULTI_WRITER)])
             delete(ctl, made.volume_id)

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from csi import csi_pb2 as pb
+from mbs_csi import mutable_parameters
 from testkit.controller import ControllerUnderTest
 from testkit.csi_requests import GIB, create_request, mount_cap
 from testkit.rpc import rpc_error
@@ -30,6 +31,8 @@ def rbd_backend(ceph) -> dict:
             # One attempt at each rados call: a busy image fails at once instead of after ~15 s of retries.
             "rados_connection_retries": 1,
         },
+        # The driver's QoS limits, and two extra specs it cannot take together (a refused retype).
+        "mutable_parameters": [*mutable_parameters.QOS_LIMITS, "replication_enabled", "multiattach"],
     }
 
 
@@ -219,4 +222,81 @@ def test_the_keyring_reaches_neither_the_database_nor_the_log(ceph):
         ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
     finally:
         ctl.close()
+    assert ceph.images() == []
+
+
+# --- mutable parameters: librbd's per-image QoS limits -------------------------------------------------
+
+# What Cinder's RBD driver sets for each QoS spec (its QOS_KEY_MAP), read back from the image.
+RBD_QOS = {"total_iops_sec": "rbd_qos_iops_limit", "read_bytes_sec": "rbd_qos_read_bps_limit"}
+
+
+def image_qos(ceph, volume_id: str) -> dict[str, str]:
+    """The image's own QoS settings (source "image"): what the driver set on it, nothing inherited."""
+    listed = json.loads(ceph.rbd("config", "image", "list", f"{ceph.pool}/volume-{volume_id}", "--format", "json"))
+    return {c["name"]: c["value"] for c in listed if c["name"].startswith("rbd_qos_") and c["source"] == "image"}
+
+
+def modify(ctl, volume_id: str, **parameters: str) -> None:
+    ctl.stub.ControllerModifyVolume(
+        pb.ControllerModifyVolumeRequest(volume_id=volume_id, mutable_parameters=parameters)
+    )
+
+
+def test_mutable_parameters_set_the_images_qos_limits_on_create_and_modify(ceph, ceph_ctl):
+    stub = ceph_ctl.stub
+    volume = stub.CreateVolume(create_request("pvc-ceph-qos", mutable_parameters={"total_iops_sec": "300"})).volume
+    assert image_qos(ceph, volume.volume_id) == {"rbd_qos_iops_limit": "300"}
+    assert stub.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=volume.volume_id)).volume == volume
+
+    modify(ceph_ctl, volume.volume_id, total_iops_sec="500", read_bytes_sec="1048576")
+    assert image_qos(ceph, volume.volume_id) == {"rbd_qos_iops_limit": "500", "rbd_qos_read_bps_limit": "1048576"}
+    type_before = ceph_ctl.volume_type(volume.volume_id)
+    modify(ceph_ctl, volume.volume_id, total_iops_sec="500")  # again: nothing to do
+    assert ceph_ctl.volume_type(volume.volume_id) == type_before
+    modify(ceph_ctl, volume.volume_id, read_bytes_sec="2097152")  # total_iops_sec not named: it stays
+    assert image_qos(ceph, volume.volume_id) == {"rbd_qos_iops_limit": "500", "rbd_qos_read_bps_limit": "2097152"}
+
+    error = rpc_error(
+        stub.ControllerModifyVolume,
+        pb.ControllerModifyVolumeRequest(volume_id=volume.volume_id, mutable_parameters={"XXX_FakeKey": "1"}),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "XXX_FakeKey" in error.details()
+    error = rpc_error(
+        stub.ControllerModifyVolume,
+        pb.ControllerModifyVolumeRequest(volume_id="no-such-volume", mutable_parameters={"total_iops_sec": "1"}),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    for request in (
+        pb.ControllerModifyVolumeRequest(mutable_parameters={"total_iops_sec": "1"}),
+        pb.ControllerModifyVolumeRequest(volume_id=volume.volume_id),
+    ):
+        assert rpc_error(stub.ControllerModifyVolume, request).code() == grpc.StatusCode.INVALID_ARGUMENT
+    stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert ceph.images() == []
+    assert not [name for name in ceph_ctl.volume_type_names() if volume.volume_id in name]
+
+
+def test_a_retype_the_rbd_driver_refuses_leaves_the_image_unchanged(ceph, ceph_ctl):
+    """Cinder's RBD driver sets the new QoS limits, then refuses a type that asks for replication and
+    multiattach together: the limits it already set are put back."""
+    volume = ceph_ctl.stub.CreateVolume(
+        create_request("pvc-ceph-refused", mutable_parameters={"total_iops_sec": "300"})
+    ).volume
+    type_before = ceph_ctl.volume_type(volume.volume_id)
+    request = pb.ControllerModifyVolumeRequest(
+        volume_id=volume.volume_id,
+        mutable_parameters={
+            "total_iops_sec": "900",
+            "read_bytes_sec": "4096",
+            "replication_enabled": "<is> True",
+            "multiattach": "<is> True",
+        },
+    )
+    error = rpc_error(ceph_ctl.stub.ControllerModifyVolume, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "mutually exclusive" in error.details() and "the volume is unchanged" in error.details()
+    assert image_qos(ceph, volume.volume_id) == {"rbd_qos_iops_limit": "300"}
+    assert ceph_ctl.volume_type(volume.volume_id) == type_before
+    ceph_ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
     assert ceph.images() == []

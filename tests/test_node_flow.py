@@ -432,7 +432,9 @@ def test_a_restarted_node_plugin_still_unstages_cleanly(cluster):
         text=True,
         check=True,
     )
-    [row] = [r for r in json.loads(listed.stdout) if r["volume_id"] == vol.id]
+    shown = json.loads(listed.stdout)
+    [row] = [r for r in shown["attachments"] if r["volume_id"] == vol.id]
+    assert shown["last_start"]["at"]  # the node plugin started with this store
     assert row["exists"] is True and row["fs_type"] == "xfs" and row["device_path"].startswith("/dev/loop")
     cluster.restart()  # state comes back from the attachment store, not memory
     vol.c.node = cluster.node = csi_pb2_grpc.NodeStub(cluster.driver.channel)

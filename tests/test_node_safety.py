@@ -27,8 +27,8 @@ from csi import csi_pb2 as pb
 from mbs_csi.config import Settings
 from mbs_csi.interceptor import to_status
 from mbs_csi.node import brick
-from mbs_csi.node.attachments import list_attachments
-from mbs_csi.node.mountinfo import read_mountinfo
+from mbs_csi.node.attachments import last_start, list_attachments, render
+from mbs_csi.node.mountinfo import mounted_device, read_mountinfo
 from mbs_csi.node.service import NodeService
 from mbs_csi.node.store import AttachmentStore
 from testkit.csi_requests import Mode, block_cap, mount_cap
@@ -573,10 +573,46 @@ def test_at_start_the_node_names_what_is_no_longer_as_recorded(host: Host, caplo
         host.restart()
     assert f"at start: volume vol: {volume.staging} no longer has {volume.device} mounted" in caplog.text
     assert f"at start: volume vol: target {target} is no longer mounted" in caplog.text
+    found = last_start(host.root / "state")  # kept for `mbs-csi node attachments`, with this start's time
+    assert found is not None and found["fixes"] == [
+        f"volume vol: {volume.staging} no longer has {volume.device} mounted",
+        f"volume vol: target {target} is no longer mounted",
+    ]
+    assert f"volume vol: target {target} is no longer mounted" in render([], found, as_json=False)
     stage = volume.stage_request()
     assert call(host.node.NodeStageVolume, stage) == (OK, "")  # kubelet stages and publishes again
     assert call(host.node.NodePublishVolume, volume.publish_request(target)) == (OK, "")
     assert mounts_at(volume.staging) == 1 and mounts_at(target) == 1
+
+
+def test_at_start_the_node_detaches_the_read_only_views_no_target_uses(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only raw block publish killed between making its view and binding it leaves a view no
+    target uses: the next start detaches it, keeps the views that targets use, and says so."""
+    from mbs_csi.node import service
+
+    used, left = host.volume("used", block_cap()), host.volume("left", block_cap())
+    used_target, left_target = host.target("used"), host.target("left")
+    assert call(host.node.NodePublishVolume, used.publish_request(used_target, readonly=True)) == (OK, "")
+    [used_view] = readonly_views(used.device)
+    crash_once(monkeypatch, service, "mount", after=False)
+    with pytest.raises(Crash):
+        host.node.NodePublishVolume(left.publish_request(left_target, readonly=True), None)
+    [left_view] = readonly_views(left.device)
+    host.restart()
+    assert readonly_views(used.device) == [used_view] and readonly_views(left.device) == []
+    found = last_start(host.root / "state")
+    assert found is not None
+    assert f"volume left: the read-only view {left_view}, which no target used, was detached" in found["fixes"]
+    assert not any(used_view in fix for fix in found["fixes"])
+    assert call(host.node.NodePublishVolume, left.publish_request(left_target, readonly=True)) == (OK, "")
+    assert [mounted_device(left_target)] == readonly_views(left.device)  # the retry made a new view and bound it
+    for volume, target in ((used, used_target), (left, left_target)):
+        assert call(host.node.NodeUnpublishVolume, volume.unpublish_request(target)) == (OK, "")
+        unstage = pb.NodeUnstageVolumeRequest(volume_id=volume.id, staging_target_path=volume.staging)
+        assert call(host.node.NodeUnstageVolume, unstage) == (OK, "")
+        assert readonly_views(volume.device) == []
 
 
 def test_a_target_published_before_targets_were_recorded_is_still_unpublished(host: Host) -> None:

@@ -97,7 +97,7 @@ def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path):
     path = tmp_path / FILENAME
     AttachmentStore(path).close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(StoreError, match="schema version 99"):

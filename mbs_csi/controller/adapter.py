@@ -24,11 +24,12 @@ import cinderlib
 from cinder import exception as cinder_exception
 from cinderlib import objects
 
-from mbs_csi import errors
-from mbs_csi.controller import database, failures, storage_audit
+from mbs_csi import errors, mutable_parameters
+from mbs_csi.controller import database, failures, retype, storage_audit
 from mbs_csi.controller.attach_limits import NodeSlots
 from mbs_csi.controller.backends import Backends, setup_cinderlib
 from mbs_csi.controller.cinder_records import snapshot_record, volume_record
+from mbs_csi.controller.groups import Groups
 from mbs_csi.controller.operations import OPERATIONS, BackendOperations
 from mbs_csi.controller.records import (
     CONNECTION_TO_MISSING_NODE,
@@ -41,6 +42,7 @@ from mbs_csi.controller.records import (
     AttachLimits,
     AuditReport,
     Finding,
+    GroupSnapshotRecord,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -62,8 +64,11 @@ class Adapter(BackendOperations):
     def __init__(self, config: WorkerConfig) -> None:
         setup_cinderlib(config)
         self.persistence = cinderlib.Backend.persistence
-        self.rows = Rows(database.engine(config.backend_timeout), self.persistence)
+        engine = database.engine(config.backend_timeout)
+        self.rows = Rows(engine, self.persistence)
         self.backends = Backends(config.backends)
+        self.groups = Groups(engine, self.rows, self.backends, self._require_volume, self._destroy_snapshot)
+        self.accepted = {spec.name: spec.mutable_parameters for spec in config.backends}  # mutable parameters
         self.slots = NodeSlots(self.rows.engine)
 
     @property
@@ -135,6 +140,7 @@ class Adapter(BackendOperations):
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
+        mutable: dict[str, str] | None = None,
     ) -> tuple[VolumeRecord, bool]:
         leftovers = self.persistence.get_volumes(volume_name=name) if self.rows.ids_named("volumes", name) else []
         for leftover in leftovers:
@@ -169,7 +175,10 @@ class Adapter(BackendOperations):
             make = partial(target.driver.create_volume, volume._ovo)
 
         volume._ovo.created_at = _utcnow()
-        self.rows.insert(volume)  # recorded before the storage is touched: see the module docstring
+        with retype.one_transaction():  # recorded before the storage is touched: see the module docstring
+            if mutable:
+                retype.give_type(volume, mutable)
+            self.rows.insert(volume)
         try:
             self.rows.mark_available(volume, make())
             if volume.size < size_gib:  # a copy is as big as its source: grow it to what was asked
@@ -225,6 +234,7 @@ class Adapter(BackendOperations):
             )
         volume = self.rows.volume(volume_id)
         if volume is not None:
+            retype.forget_stale_types(volume_id, volume._ovo.volume_type)
             self._destroy_volume(volume)
 
     def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
@@ -248,6 +258,11 @@ class Adapter(BackendOperations):
         """
         volume.backend.driver.extend_volume(volume._ovo, size_gib)
         self.rows.resize(volume, size_gib)
+
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> None:
+        volume = self._require_volume(volume_id)
+        mutable_parameters.check(volume.backend.id, self.accepted.get(volume.backend.id, ()), mutable)
+        retype.modify(volume, mutable, self.persistence.DEFAULT_TYPE.id)
 
     # --- snapshots ----------------------------------------------------------------------------------
 
@@ -281,8 +296,24 @@ class Adapter(BackendOperations):
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         snapshot = self.rows.snapshot(snapshot_id)
+        if snapshot is not None and snapshot._ovo.group_snapshot_id:
+            raise errors.FailedPrecondition(
+                f"snapshot {snapshot_id} is a member of group snapshot {snapshot._ovo.group_snapshot_id}; delete "
+                "the group snapshot"
+            )
         if snapshot is not None:
             self._destroy_snapshot(snapshot)
+
+    # --- group snapshots ----------------------------------------------------------------------------
+
+    def create_group_snapshot(self, name: str, volume_ids: list[str], loose: bool) -> GroupSnapshotRecord:
+        return self.groups.create(name, volume_ids, loose)
+
+    def get_group_snapshot(self, group_snapshot_id: str) -> GroupSnapshotRecord | None:
+        return self.groups.get(group_snapshot_id)
+
+    def delete_group_snapshot(self, group_snapshot_id: str, snapshot_ids: list[str]) -> None:
+        self.groups.delete(group_snapshot_id, snapshot_ids)
 
     # --- publication --------------------------------------------------------------------------------
 

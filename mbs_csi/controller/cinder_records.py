@@ -10,7 +10,7 @@ from cinderlib import objects
 from mbs_csi.controller.records import SnapshotRecord, VolumeRecord
 
 
-def _epoch(ovo: Any) -> float:
+def epoch(ovo: Any) -> float:
     """``created_at`` as seconds since the epoch; cinder keeps naive UTC datetimes."""
     if not ovo.obj_attr_is_set("created_at") or ovo.created_at is None:
         return 0.0
@@ -42,5 +42,6 @@ def snapshot_record(snapshot: objects.Snapshot) -> SnapshotRecord:
         volume_id=ovo.volume_id,
         size_gib=ovo.volume_size,
         status=ovo.status,
-        created_at=_epoch(ovo),
+        created_at=epoch(ovo),
+        group_snapshot_id=ovo.group_snapshot_id if ovo.obj_attr_is_set("group_snapshot_id") else None,
     )

@@ -13,6 +13,7 @@ from mbs_csi.controller.records import (
     AttachLimits,
     AuditReport,
     Finding,
+    GroupSnapshotRecord,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -60,6 +61,7 @@ class BackendClient(BackendOperations):
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
+        mutable: dict[str, str] | None = None,
     ) -> tuple[VolumeRecord, bool]:
         return self._call(
             BackendOperations.create_volume,
@@ -70,6 +72,7 @@ class BackendClient(BackendOperations):
             metadata,
             source_volume_id,
             source_snapshot_id,
+            mutable,
         )
 
     def delete_volume(self, volume_id: str) -> None:
@@ -77,6 +80,9 @@ class BackendClient(BackendOperations):
 
     def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
         return self._call(BackendOperations.extend_volume, volume_id, size_gib, limit_bytes)
+
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> None:
+        return self._call(BackendOperations.modify_volume, volume_id, mutable)
 
     def create_snapshot(self, volume_id: str, name: str) -> SnapshotRecord:
         return self._call(BackendOperations.create_snapshot, volume_id, name)
@@ -106,3 +112,12 @@ class BackendClient(BackendOperations):
 
     def fix_findings(self, findings: list[Finding], connector_store: str) -> list[str]:
         return self._call(BackendOperations.fix_findings, findings, connector_store)
+
+    def create_group_snapshot(self, name: str, volume_ids: list[str], loose: bool) -> GroupSnapshotRecord:
+        return self._call(BackendOperations.create_group_snapshot, name, volume_ids, loose)
+
+    def get_group_snapshot(self, group_snapshot_id: str) -> GroupSnapshotRecord | None:
+        return self._call(BackendOperations.get_group_snapshot, group_snapshot_id)
+
+    def delete_group_snapshot(self, group_snapshot_id: str, snapshot_ids: list[str]) -> None:
+        return self._call(BackendOperations.delete_group_snapshot, group_snapshot_id, snapshot_ids)

@@ -17,6 +17,7 @@ from mbs_csi.controller.records import (
     AttachLimits,
     AuditReport,
     Finding,
+    GroupSnapshotRecord,
     NodeConnector,
     SnapshotRecord,
     VolumeCheck,
@@ -52,16 +53,23 @@ class BackendOperations(Protocol):
         metadata: dict[str, str],
         source_volume_id: str | None = None,
         source_snapshot_id: str | None = None,
+        mutable: dict[str, str] | None = None,
     ) -> tuple[VolumeRecord, bool]:
         """Create (or finish creating) the volume called ``name``, of ``size_gib`` or its source's size if
-        larger (OutOfRange when that exceeds ``limit_bytes``, 0: no limit): (its record, True); or (the
-        record of an existing usable volume of that name, False), for the front to compare with the request."""
+        larger (OutOfRange when that exceeds ``limit_bytes``, 0: no limit), with the ``mutable`` parameters
+        (checked by the front) in its volume type: (its record, True); or (the record of an existing usable
+        volume of that name, False), for the front to compare with the request."""
 
     def delete_volume(self, volume_id: str) -> None: ...
 
     def extend_volume(self, volume_id: str, size_gib: int, limit_bytes: int) -> VolumeRecord:
         """Grow the volume to ``size_gib`` unless it is that big already; OutOfRange when it is bigger
         than ``limit_bytes`` (0: no limit), since volumes never shrink."""
+
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> None:
+        """Set the ``mutable`` parameters on the volume (keys not named stay as they are) through its driver's
+        retype; InvalidArgument naming a key its backend does not accept, or when the driver refuses (the
+        volume unchanged); nothing to do when the volume has them already."""
 
     # --- snapshots ----------------------------------------------------------------------------------
 
@@ -102,6 +110,20 @@ class BackendOperations(Protocol):
 
     def fix_findings(self, findings: list[Finding], connector_store: str) -> list[str]:
         """Remove what the fixable ``findings`` name, each checked again first; what was done."""
+
+    # --- group snapshots (groups.py) ----------------------------------------------------------------
+
+    def create_group_snapshot(self, name: str, volume_ids: list[str], loose: bool) -> GroupSnapshotRecord:
+        """Create (or finish creating) the group snapshot called ``name`` of ``volume_ids`` (all on one
+        backend), a member snapshot per volume; FailedPrecondition when the backend cannot take them at
+        one point in time, unless ``loose``. An available group snapshot of that name is returned as it
+        is, for the front to compare with the request."""
+
+    def get_group_snapshot(self, group_snapshot_id: str) -> GroupSnapshotRecord | None: ...
+
+    def delete_group_snapshot(self, group_snapshot_id: str, snapshot_ids: list[str]) -> None:
+        """Delete the group snapshot and its member snapshots; a missing one is fine. InvalidArgument when
+        ``snapshot_ids`` are not its members."""
 
 
 # The operations a worker runs for the front: the public methods of the interface, and nothing else.

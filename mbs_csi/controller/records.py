@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mbs_csi import errors
+
 GIB = 1024**3
 
 
@@ -37,10 +39,35 @@ class SnapshotRecord:
     size_gib: int
     status: str
     created_at: float  # seconds since the epoch
+    group_snapshot_id: str | None = None  # set for a member of a group snapshot
 
     @property
     def size_bytes(self) -> int:
         return self.size_gib * GIB
+
+
+@dataclass(frozen=True)
+class GroupSnapshotRecord:
+    """A group snapshot (cinder's ``group_snapshots`` row) and its member snapshots."""
+
+    id: str
+    name: str
+    status: str
+    created_at: float  # seconds since the epoch
+    snapshots: tuple[SnapshotRecord, ...]
+
+    @property
+    def source_volume_ids(self) -> frozenset[str]:
+        return frozenset(s.volume_id for s in self.snapshots)
+
+    def check_members(self, snapshot_ids: list[str]) -> None:
+        """InvalidArgument unless ``snapshot_ids`` are this group snapshot's members (CSI's mismatch rule)."""
+        members = {s.id for s in self.snapshots}
+        if set(snapshot_ids) != members:
+            raise errors.InvalidArgument(
+                f"snapshot_ids do not match the members of group snapshot {self.id}: "
+                f"unknown {sorted(set(snapshot_ids) - members)}, missing {sorted(members - set(snapshot_ids))}"
+            )
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,7 @@ class BackendSpec:
     name: str
     volume_driver: str
     options: dict[str, object]
+    mutable_parameters: tuple[str, ...] = ()  # the keys its volumes' mutable parameters may set
 
 
 @dataclass(frozen=True)

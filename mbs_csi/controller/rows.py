@@ -15,8 +15,8 @@ than the database work it does, and more than a loopback volume takes to make. H
 - its rows go in one transaction of DELETEs;
 - "which ids have this name" and "what still depends on this volume" are plain SELECTs.
 
-Typed volumes (extra specs, QoS) and soft deletes are left to cinderlib, as is everything else. The
-schema is the pinned cinder release's.
+Loading and deleting typed volumes (a volume type of their own: mutable parameters, ``retype.py``) and
+soft deletes are left to cinderlib, as is everything else. The schema is the pinned cinder release's.
 """
 
 from __future__ import annotations
@@ -124,12 +124,30 @@ class Rows:
         )
 
     def insert(self, resource: Resource) -> None:
-        """Write the rows of a new volume or snapshot, as cinderlib's ``save`` does."""
-        if self._typed(resource):
+        """Write the rows of a new volume or snapshot, as cinderlib's ``save`` does (a volume's own type, if
+        it has one, is recorded beforehand: ``retype.give_type``)."""
+        if self._typed(resource) and resource._ovo.volume_type_id == resource.id:  # a type cinderlib makes
             resource.save()
             return
+        self.insert_together([resource])
+
+    def insert_together(self, resources: list[Resource], others: tuple[Any, ...] = ()) -> None:
+        """Write the rows of new untyped volumes or snapshots and of the cinder models ``others`` (a group
+        and its group snapshot), all in one transaction: all recorded, or none."""
+        rows = [self._row(resource) for resource in resources]
+        with cinder_db.main_context_manager.writer.using(objects.CONTEXT) as session:
+            for row in others:  # in order: rows that others refer to come first
+                session.add(row)
+                session.flush()
+            session.add_all(rows)
+        for resource in resources:
+            self._persistence.reset_change_tracker(resource)
+
+    def _row(self, resource: Resource) -> Any:
+        """The model row (with its metadata rows) of a new untyped volume or snapshot."""
         values = self._persistence.get_changed_fields(resource)  # of a new object: every field set
-        if isinstance(resource, objects.Volume):  # cinderlib's type for untyped volumes
+        # cinderlib's type for untyped volumes; a volume typed beforehand (retype.py) keeps its type.
+        if isinstance(resource, objects.Volume) and not self._typed(resource):
             resource._ovo.volume_type = self._persistence.DEFAULT_TYPE
             resource._ovo.volume_type_id = values["volume_type_id"] = self._persistence.DEFAULT_TYPE.id
         kind = _KINDS[type(resource)]
@@ -138,9 +156,7 @@ class Rows:
             items = values.pop(field, None) or {}
             setattr(row, relationship, [child_model(key=key, value=value) for key, value in items.items()])
         row.update(values)
-        with cinder_db.main_context_manager.writer.using(objects.CONTEXT) as session:
-            session.add(row)
-        self._persistence.reset_change_tracker(resource)
+        return row
 
     def mark_available(self, resource: Resource, model_update: dict[str, Any] | None) -> None:
         """Record that the storage made ``resource``: status ``available`` and the driver's model update."""

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi import csi_pb2, csi_pb2_grpc
-from mbs_csi import alpha, errors
+from mbs_csi import alpha, errors, mutable_parameters
 from mbs_csi.capabilities import access, require
 from mbs_csi.config import Backend, Settings
 from mbs_csi.controller import validate
@@ -33,13 +33,17 @@ STATS_TTL = 30.0  # seconds a backend's stats are reused for GetCapacity and mul
 META_ACCESS = "csi.access_type"
 META_FS = "csi.fs_type"
 META_PARAMETERS = "csi.parameters_sha256"
+META_MUTABLE = "csi.mutable_parameters_sha256"  # only when CreateVolume had mutable_parameters
 
 T = TypeVar("T")
 
 
+def _digest(parameters: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()
+
+
 def _parameters_digest(parameters: dict[str, str]) -> str:
-    relevant = {k: v for k, v in parameters.items() if not k.startswith(validate.K8S_PARAMETER_PREFIX)}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    return _digest({k: v for k, v in parameters.items() if not k.startswith(validate.K8S_PARAMETER_PREFIX)})
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -124,6 +128,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             source_volume_id=record.volume_id,
             creation_time=_timestamp(record.created_at),
             ready_to_use=record.status == "available",
+            group_snapshot_id=record.group_snapshot_id or "",
         )
 
     # --- volumes ------------------------------------------------------------------------------------
@@ -146,10 +151,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source_volume = request.volume_content_source.volume.volume_id if source_kind == "volume" else ""
         if source_kind and not (source_snapshot or source_volume):
             raise errors.InvalidArgument(f"volume_content_source {source_kind} needs an id")
+        mutable = dict(request.mutable_parameters)
+        mutable_parameters.check(backend.name, backend.mutable_parameters, mutable)
         metadata = {
             META_ACCESS: wants.type,
             META_FS: wants.fs_type,
             META_PARAMETERS: _parameters_digest(dict(request.parameters)),
+            **({META_MUTABLE: _digest(mutable)} if mutable else {}),
         }
         sources = (
             f"snapshot:{source_snapshot}" if source_snapshot else "",
@@ -165,6 +173,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 metadata,
                 source_volume_id=source_volume or None,
                 source_snapshot_id=source_snapshot or None,
+                mutable=mutable,
             )
             if not created:
                 self._check_same_request(record, backend, capacity, source_snapshot, source_volume, metadata)
@@ -186,8 +195,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             differences.append(f"its size is {existing.size_bytes} bytes")
         if (existing.source_snapshot_id or "") != source_snapshot or (existing.source_volume_id or "") != source_volume:
             differences.append("it has another content source")
-        for key, label in ((META_ACCESS, "access type"), (META_FS, "fs_type"), (META_PARAMETERS, "parameters")):
-            if existing.metadata.get(key, "") != metadata[key]:
+        labels = (
+            (META_ACCESS, "access type"),
+            (META_FS, "fs_type"),
+            (META_PARAMETERS, "parameters"),
+            (META_MUTABLE, "mutable_parameters"),
+        )
+        for key, label in labels:
+            if existing.metadata.get(key, "") != metadata.get(key, ""):
                 differences.append(f"its {label} differs")
         if differences:
             raise errors.AlreadyExists(
@@ -313,6 +328,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             RPC.GET_VOLUME,
             RPC.VOLUME_CONDITION,
             RPC.SINGLE_NODE_MULTI_WRITER,
+            RPC.MODIFY_VOLUME,
         ]
         rpcs = alpha.advertised(RPC.Type, rpcs, self.settings.alpha_capabilities)
         return csi_pb2.ControllerGetCapabilitiesResponse(
@@ -330,6 +346,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             record = self.backend.extend_volume(request.volume_id, size_gib, request.capacity_range.limit_bytes)
         # The node has work either way: grow the filesystem, or rescan the device for a block volume.
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=record.size_bytes, node_expansion_required=True)
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        validate.identifiers(request)
+        require(request.volume_id, "volume_id")
+        require(request.mutable_parameters, "mutable_parameters")  # REQUIRED by the spec
+        # Which keys the volume's backend accepts is checked by the worker, which knows the backend.
+        with self.inflight.hold(f"volume:{request.volume_id}"):
+            self.backend.modify_volume(request.volume_id, dict(request.mutable_parameters))
+        return csi_pb2.ControllerModifyVolumeResponse()
 
     def ControllerGetVolume(
         self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+CONSISTENT_GROUP_SNAPSHOT = "consistent_group_snapshot_enabled"
+
 
 def _gib(value: Any) -> float | None:
     """Cinder reports capacities in GiB, or as 'infinite'/'unknown'."""
@@ -31,4 +33,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "thin_provisioning": any(p.get("thin_provisioning_support") for p in pools),
         "multiattach": bool(stats.get("multiattach")) or any(p.get("multiattach") for p in pools),
         "pools": [p.get("pool_name") for p in pools],
+        # Cinder's capability of drivers whose group snapshots are taken at one point in time.
+        "consistent_group_snapshot": bool(stats.get(CONSISTENT_GROUP_SNAPSHOT))
+        or any(p.get(CONSISTENT_GROUP_SNAPSHOT) for p in pools),
     }

@@ -20,7 +20,10 @@ K8S_PARAMETER_PREFIX = "csi.storage.k8s.io/"
 # in bytes it stays far below what a file offset or a protobuf int64 can hold.
 MAX_SIZE_GIB = 2**31 - 1
 # The request fields, at any depth, that name or identify a volume, snapshot or node.
-IDENTIFIER_FIELDS = frozenset({"name", "volume_id", "snapshot_id", "source_volume_id", "node_id"})
+IDENTIFIER_FIELDS = frozenset(
+    {"name", "volume_id", "snapshot_id", "source_volume_id", "node_id"}
+    | {"group_snapshot_id", "source_volume_ids", "snapshot_ids"}
+)
 # CSI's size limit for strings.
 MAX_IDENTIFIER_BYTES = 128
 
@@ -98,9 +101,15 @@ def identifiers(request: Message, path: str = "") -> None:
         where = f"{path}{field.name}"
         if field.type == FieldDescriptor.TYPE_MESSAGE and field.label != FieldDescriptor.LABEL_REPEATED:
             identifiers(value, f"{where}.")
-        elif field.name in IDENTIFIER_FIELDS and isinstance(value, str):
-            size = len(value.encode())
-            if size > MAX_IDENTIFIER_BYTES:
-                raise errors.InvalidArgument(f"{where} is {size} bytes long; CSI allows at most {MAX_IDENTIFIER_BYTES}")
-            if "\0" in value:
-                raise errors.InvalidArgument(f"{where} contains a NUL byte")
+        elif field.name in IDENTIFIER_FIELDS:
+            for item in value if field.label == FieldDescriptor.LABEL_REPEATED else [value]:
+                if isinstance(item, str):
+                    _identifier(where, item)
+
+
+def _identifier(where: str, value: str) -> None:
+    size = len(value.encode())
+    if size > MAX_IDENTIFIER_BYTES:
+        raise errors.InvalidArgument(f"{where} is {size} bytes long; CSI allows at most {MAX_IDENTIFIER_BYTES}")
+    if "\0" in value:
+        raise errors.InvalidArgument(f"{where} contains a NUL byte")

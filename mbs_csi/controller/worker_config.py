@@ -23,7 +23,9 @@ def worker_config(settings: Settings) -> WorkerConfig:
         database=settings.database,
         state_dir=str(settings.state_dir),
         log_level=settings.log_level,
-        backends=tuple(BackendSpec(b.name, b.volume_driver, b.all_options()) for b in settings.backends),
+        backends=tuple(
+            BackendSpec(b.name, b.volume_driver, b.all_options(), b.mutable_parameters) for b in settings.backends
+        ),
         secrets=tuple(sensitive + ([password] if password else [])),
         backend_timeout=settings.backend_timeout,
     )

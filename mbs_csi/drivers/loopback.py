@@ -395,6 +395,25 @@ class LoopbackDriver(driver.VolumeDriver):
             raise exception.ManageExistingInvalidReference(existing_ref=existing_ref, reason=f"{path} does not exist")
         return -(-path.stat().st_size // GiB)
 
+    def retype(self, context: Any, volume: Any, new_type: Any, diff: Any, host: Any) -> bool:
+        """Accept a new volume type that differs in its QoS specs only, and refuse any other change.
+
+        A file on a loop device cannot enforce a QoS limit (``total_iops_sec`` and the like): the limits
+        are only recorded, in the volume's type, where the controller keeps them. Extra specs describe
+        what the storage does (replication, placement...), which this driver has nothing of.
+        """
+        changed = sorted(
+            key
+            for section in ("extra_specs", "encryption")
+            for key, (old, new) in ((diff or {}).get(section) or {}).items()
+            if old != new
+        )
+        if changed:
+            LOG.info("Loopback volume %s cannot take %s: retype refused", volume.name, changed)
+            return False
+        LOG.info("Loopback volume %s retyped to %s (QoS recorded, not enforced)", volume.name, new_type.id)
+        return True
+
     def _manageable(self, prefix: str, known: list[Any], extract: Any) -> list[dict[str, Any]]:
         ids = {resource["id"] for resource in known}
         found = []

@@ -52,7 +52,12 @@ def refresh(device: str, *, timeout: float = QUICK_TIMEOUT) -> None:
         run(["losetup", "--set-capacity", loop], f"resizing the read-only view {loop}", timeout)
 
 
+def detach(view: str, *, timeout: float = QUICK_TIMEOUT) -> None:
+    """Detach one view (a device :func:`views` named)."""
+    run(["losetup", "--detach", view], f"detaching the read-only view {view}", timeout)
+
+
 def release(device: str, *, timeout: float = QUICK_TIMEOUT) -> None:
     """Detach every view of ``device``."""
     for loop in views(device):
-        run(["losetup", "--detach", loop], f"detaching the read-only view {loop} of {device}", timeout)
+        detach(loop, timeout=timeout)

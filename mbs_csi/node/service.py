@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 
 import grpc
 
@@ -23,7 +24,7 @@ from mbs_csi.node.mountinfo import is_mounted, mounted_device
 from mbs_csi.node.mounting import mount, unmount
 from mbs_csi.node.paths import apply_group, ensure_dir
 from mbs_csi.node.resizing import resize_filesystem
-from mbs_csi.node.store import ATTACHING, STAGED, Attachment, AttachmentStore, Publication
+from mbs_csi.node.store import ATTACHING, STAGED, Attachment, AttachmentStore, LastStart, Publication
 from mbs_csi.node.usage import filesystem_stats
 from mbs_csi.publish_context import from_publish_context
 
@@ -57,9 +58,10 @@ def undo_stage(record: Attachment, store: AttachmentStore) -> None:
 
 def reconcile(store: AttachmentStore) -> list[str]:
     """Bring the store and the kernel together at start: undo every stage that stopped halfway (a crash
-    between the intent record and its completion); name each fix, each staged volume whose device or
-    staging mount is gone (after a reboot: kubelet stages it again), and each publish target no longer
-    mounted (kubelet publishes it again or unpublishes it)."""
+    between the intent record and its completion) and detach the read-only views no publish uses (made
+    by a read-only publish that stopped before its mount); name each fix, each staged volume whose
+    device or staging mount is gone (after a reboot: kubelet stages it again), and each publish target
+    no longer mounted (kubelet publishes it again or unpublishes it)."""
     fixed = []
     for record in store.all():
         if record.state == ATTACHING:
@@ -76,9 +78,26 @@ def reconcile(store: AttachmentStore) -> list[str]:
         problem = attachment_problem(record)
         if problem:
             fixed.append(f"volume {record.volume_id}: {problem}")
-        for publication in store.publications(record.volume_id):
+        publications = store.publications(record.volume_id)
+        for publication in publications:
             if not paths.is_mount_point(publication.target_path):
                 fixed.append(f"volume {record.volume_id}: target {publication.target_path} is no longer mounted")
+        if record.access_type == "block" and record.device_path and not problem:
+            fixed.extend(_release_unused_views(record, publications))
+    return fixed
+
+
+def _release_unused_views(record: Attachment, publications: list[Publication]) -> list[str]:
+    """Detach the read-only views of a staged block volume that none of its targets is bound to."""
+    used = {mounted_device(p.target_path) for p in publications if p.readonly and paths.is_mount_point(p.target_path)}
+    fixed = []
+    for unused in sorted(set(readonly_block.views(record.device_path)) - used - {None}):
+        try:
+            readonly_block.detach(unused)
+        except Exception as exc:  # NodeUnstageVolume detaches it anyway
+            fixed.append(f"volume {record.volume_id}: the unused read-only view {unused} could not be detached: {exc}")
+            continue
+        fixed.append(f"volume {record.volume_id}: the read-only view {unused}, which no target used, was detached")
     return fixed
 
 
@@ -87,8 +106,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.settings = settings
         self.store = store
         self.inflight = InFlight()
-        for fix in reconcile(store):
+        started = time.time()
+        fixes = reconcile(store)
+        for fix in fixes:
             _LOG.warning("at start: %s", fix)
+        store.set_last_start(LastStart(started, tuple(fixes)))
 
     # --- info ---------------------------------------------------------------------------------------
 

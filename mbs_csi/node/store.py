@@ -12,6 +12,9 @@ access mode and read-only flag it was published with. NodePublishVolume writes i
 NodeUnpublishVolume removes it after unmounting: the node unmounts or removes only paths recorded
 here, never whatever path a request names.
 
+A third holds what the node plugin found and fixed the last time it started (:class:`LastStart`), for
+``mbs-csi node attachments`` to show.
+
 **No secrets on disk.** Connection info may hold a CHAP password or a Ceph keyring (merged in from the
 node-stage secrets). Every entry the driver's one rule calls secret (:func:`mbs_csi.secrets.is_secret`:
 anything from the secrets map, a secret-looking key, a value holding a registered secret; at any
@@ -81,6 +84,15 @@ _MIGRATIONS: list[list[str]] = [
         "CREATE INDEX publications_by_volume ON publications (volume_id)",
     ],
     ["ALTER TABLE attachments ADD COLUMN state TEXT NOT NULL DEFAULT 'staged'"],
+    [
+        """
+        CREATE TABLE last_start (
+            id     INTEGER PRIMARY KEY CHECK (id = 1),
+            at     REAL NOT NULL,
+            fixes  TEXT NOT NULL
+        )
+        """,
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Schema version 1 has an ``extra`` column that nothing reads or writes any more: a new row gets its
@@ -142,6 +154,14 @@ class Publication:
 
 
 _PUBLICATION_COLUMNS = ("target_path", "volume_id", "access_mode", "readonly", "created_at")
+
+
+@dataclass(frozen=True)
+class LastStart:
+    """When the node plugin last started (seconds since the epoch), and what it found and fixed then."""
+
+    at: float
+    fixes: tuple[str, ...]
 
 
 def without_secrets(value: Any) -> Any:
@@ -272,6 +292,20 @@ class AttachmentStore:
         NodeUnpublishVolume undoes at once."""
         with self._transaction(flush=False) as db:
             return db.execute("DELETE FROM publications WHERE target_path = ?", (target_path,)).rowcount > 0
+
+    def set_last_start(self, start: LastStart) -> None:
+        """Keep what this start found, in place of the previous start's."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO last_start (id, at, fixes) VALUES (1, ?, ?)",
+                (start.at, json.dumps(list(start.fixes))),
+            )
+
+    def last_start(self) -> LastStart | None:
+        """What the node plugin found at its last start; None if it never started with this store."""
+        with self._lock:
+            row = self._db.execute("SELECT at, fixes FROM last_start WHERE id = 1").fetchone()
+        return LastStart(row[0], tuple(json.loads(row[1]))) if row is not None else None
 
     def close(self) -> None:
         with self._lock:

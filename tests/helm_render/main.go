@@ -4,12 +4,25 @@
 // It covers what the mbs-csi chart uses: Go text/template with the sprig functions (minus env and
 // expandenv, which helm removes too), helm's include, required, fail, toYaml and fromYaml (sprig's toJson is helm's);
 // .Values (the chart's values.yaml deep-merged with -f files, then --set overrides; a null deletes a
-// default, as in helm), .Release, .Chart (from Chart.yaml) and .Template. YAML is read through a JSON
+// default, as in helm), .Release, .Chart (from Chart.yaml), .Template and .Capabilities.
+//
+// .Capabilities follows `helm template`: --kube-version sets .Capabilities.KubeVersion (default
+// defaultKubeVersion, helm's default being the Kubernetes minor of the client-go it was built with), and
+// the chart's kubeVersion constraint (Chart.yaml) is checked against it before anything renders, as helm
+// does. .Capabilities.APIVersions holds the built-in API group versions (as helm's default set: no CRDs)
+// plus every --api-versions value; its Has method answers for "group/version" (and for
+// "group/version/Kind" only when given so: the built-in Kinds are not listed).
+//
+// lookup answers as in `helm template` (an empty map: there is no cluster) unless -lookup names a YAML file
+// holding a list of objects: it then answers as `helm install` would against a cluster holding those
+// (one object by name, an empty map when it is missing; a "<Kind>List" with the matching items when the
+// name is empty). YAML is read through a JSON
 // round trip like helm does, so numbers from values files are float64 there too.
 //
 // Usage:
 //
 //	helm_render -chart DIR [-f values.yaml]... [--set a.b=value]... [-name RELEASE] [-namespace NS] [-strict]
+//	            [--kube-version 1.30.0] [--api-versions group/version]... [-lookup objects.yaml]
 //
 // It prints every rendered template (files under templates/ whose name does not start with "_"; NOTES.txt
 // is rendered but not printed) as YAML documents, each after a "# Source:" comment, in file name order.
@@ -31,12 +44,86 @@ import (
 	"strings"
 	"text/template"
 
+	"github.com/Masterminds/semver"
 	"github.com/Masterminds/sprig"
 	"github.com/ghodss/yaml"
 )
 
 // helm refuses deeper include recursion than this.
 const maxIncludeDepth = 1000
+
+// The Kubernetes version when --kube-version is not given: helm's default is the minor of the client-go
+// it is built with (v1.34 for helm 3.19).
+const defaultKubeVersion = "v1.34.0"
+
+// builtinAPIVersions stands for helm's default API version set: the group versions Kubernetes serves
+// without any CustomResourceDefinition (no snapshot.storage.k8s.io, for one).
+var builtinAPIVersions = []string{
+	"v1", "admissionregistration.k8s.io/v1", "apiextensions.k8s.io/v1", "apiregistration.k8s.io/v1",
+	"apps/v1", "authentication.k8s.io/v1", "authorization.k8s.io/v1", "autoscaling/v1", "autoscaling/v2",
+	"batch/v1", "certificates.k8s.io/v1", "coordination.k8s.io/v1", "discovery.k8s.io/v1", "events.k8s.io/v1",
+	"flowcontrol.apiserver.k8s.io/v1", "networking.k8s.io/v1", "node.k8s.io/v1", "policy/v1",
+	"rbac.authorization.k8s.io/v1", "scheduling.k8s.io/v1", "storage.k8s.io/v1",
+}
+
+// KubeVersion is .Capabilities.KubeVersion.
+type KubeVersion struct {
+	Version    string
+	Major      string
+	Minor      string
+	GitVersion string
+}
+
+// String is the version, as helm prints .Capabilities.KubeVersion.
+func (k KubeVersion) String() string { return k.Version }
+
+// APIVersions is .Capabilities.APIVersions.
+type APIVersions []string
+
+// Has tells whether an API version ("group/version") or a resource ("group/version/Kind") is available.
+func (a APIVersions) Has(version string) bool {
+	for _, known := range a {
+		if known == version {
+			return true
+		}
+	}
+	return false
+}
+
+// parseKubeVersion reads a --kube-version value the way helm does ("1.30", "v1.30.0", "1.30.0-gke.1").
+func parseKubeVersion(text string) (KubeVersion, error) {
+	version, err := semver.NewVersion(text)
+	if err != nil {
+		return KubeVersion{}, fmt.Errorf("invalid kube version %q: %s", text, err)
+	}
+	return KubeVersion{
+		Version:    "v" + version.String(),
+		Major:      strconv.FormatUint(version.Major(), 10),
+		Minor:      strconv.FormatUint(version.Minor(), 10),
+		GitVersion: "v" + version.String(),
+	}, nil
+}
+
+// checkKubeVersion refuses a Kubernetes version outside the chart's kubeVersion constraint, with helm's
+// message.
+func checkKubeVersion(chart map[string]interface{}, kube KubeVersion) error {
+	constraint, _ := chart["kubeVersion"].(string)
+	if constraint == "" {
+		return nil
+	}
+	c, err := semver.NewConstraint(constraint)
+	if err != nil {
+		return fmt.Errorf("Chart.yaml: invalid kubeVersion %q: %s", constraint, err)
+	}
+	version, err := semver.NewVersion(kube.Version)
+	if err != nil {
+		return err
+	}
+	if !c.Check(version) {
+		return fmt.Errorf("chart requires kubeVersion: %s which is incompatible with Kubernetes %s", constraint, kube.Version)
+	}
+	return nil
+}
 
 type listFlag []string
 
@@ -51,13 +138,16 @@ func main() {
 }
 
 func run() error {
-	var valueFiles, sets listFlag
+	var valueFiles, sets, apiVersions listFlag
 	chartDir := flag.String("chart", "", "chart directory (holding Chart.yaml)")
 	release := flag.String("name", "release-name", "release name")
 	namespace := flag.String("namespace", "default", "release namespace")
 	strict := flag.Bool("strict", false, "fail on a reference to a missing value (missingkey=error)")
 	flag.Var(&valueFiles, "f", "values file, merged over the chart's values.yaml (repeatable)")
 	flag.Var(&sets, "set", "key.path=value override, applied last (repeatable)")
+	kubeVersionText := flag.String("kube-version", defaultKubeVersion, "Kubernetes version for .Capabilities.KubeVersion")
+	flag.Var(&apiVersions, "api-versions", "API version for .Capabilities.APIVersions (repeatable)")
+	lookupFile := flag.String("lookup", "", "YAML list of the objects lookup finds (default: none, as in helm template)")
 	flag.Parse()
 	if *chartDir == "" || flag.NArg() != 0 {
 		flag.Usage()
@@ -71,6 +161,13 @@ func run() error {
 	chartName, _ := chart["name"].(string)
 	if chartName == "" {
 		return errors.New("Chart.yaml has no name")
+	}
+	kube, err := parseKubeVersion(*kubeVersionText)
+	if err != nil {
+		return err
+	}
+	if err := checkKubeVersion(chart, kube); err != nil {
+		return err
 	}
 	values, err := readYAMLFile(filepath.Join(*chartDir, "values.yaml"))
 	if err != nil {
@@ -102,8 +199,48 @@ func run() error {
 			"Revision":  1,
 		},
 		"Chart": chartMetadata(chart),
+		"Capabilities": map[string]interface{}{
+			"KubeVersion": kube,
+			"APIVersions": append(APIVersions(append([]string{}, builtinAPIVersions...)), apiVersions...),
+			"HelmVersion": map[string]interface{}{"Version": "v3.19.0"},
+		},
 	}
-	return render(*chartDir, chartName, top, *strict)
+	var cluster []map[string]interface{}
+	if *lookupFile != "" {
+		data, err := os.ReadFile(*lookupFile)
+		if err != nil {
+			return err
+		}
+		if err := yaml.Unmarshal(data, &cluster); err != nil {
+			return fmt.Errorf("%s: %v", *lookupFile, err)
+		}
+	}
+	return render(*chartDir, chartName, top, *strict, cluster)
+}
+
+// lookupIn is helm's lookup against the objects of a cluster (nil: no cluster, as in helm template).
+func lookupIn(cluster []map[string]interface{}) func(apiVersion, kind, namespace, name string) map[string]interface{} {
+	return func(apiVersion, kind, namespace, name string) map[string]interface{} {
+		if cluster == nil {
+			return map[string]interface{}{}
+		}
+		items := []interface{}{}
+		for _, obj := range cluster {
+			meta, _ := obj["metadata"].(map[string]interface{})
+			if obj["apiVersion"] != apiVersion || obj["kind"] != kind || (namespace != "" && meta["namespace"] != namespace) {
+				continue
+			}
+			if name == "" {
+				items = append(items, obj)
+			} else if meta["name"] == name {
+				return obj
+			}
+		}
+		if name != "" {
+			return map[string]interface{}{}
+		}
+		return map[string]interface{}{"apiVersion": apiVersion, "kind": kind + "List", "items": items}
+	}
 }
 
 // readYAMLFile parses a YAML mapping through JSON, as helm does (numbers become float64).
@@ -193,7 +330,7 @@ func applySet(into map[string]interface{}, set string) error {
 }
 
 // helmFuncs is sprig's function map adjusted as helm adjusts it, plus helm's own functions.
-func helmFuncs(templates **template.Template) template.FuncMap {
+func helmFuncs(templates **template.Template, cluster []map[string]interface{}) template.FuncMap {
 	funcs := sprig.TxtFuncMap()
 	delete(funcs, "env")
 	delete(funcs, "expandenv")
@@ -217,6 +354,7 @@ func helmFuncs(templates **template.Template) template.FuncMap {
 		}
 		return value, nil
 	}
+	funcs["lookup"] = lookupIn(cluster)
 	funcs["fail"] = func(message string) (string, error) {
 		return "", errors.New(message)
 	}
@@ -237,7 +375,7 @@ func helmFuncs(templates **template.Template) template.FuncMap {
 	return funcs
 }
 
-func render(chartDir, chartName string, top map[string]interface{}, strict bool) error {
+func render(chartDir, chartName string, top map[string]interface{}, strict bool, cluster []map[string]interface{}) error {
 	root := filepath.Join(chartDir, "templates")
 	var names []string
 	sources := map[string]string{}
@@ -264,7 +402,7 @@ func render(chartDir, chartName string, top map[string]interface{}, strict bool)
 	sort.Strings(names)
 
 	var templates *template.Template
-	templates = template.New(chartName).Funcs(helmFuncs(&templates))
+	templates = template.New(chartName).Funcs(helmFuncs(&templates, cluster))
 	if strict {
 		templates.Option("missingkey=error")
 	} else {

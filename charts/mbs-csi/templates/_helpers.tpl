@@ -62,9 +62,39 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ ternary .Values.database.postgresql.existingSecretKey "url" (ne .Values.database.postgresql.existingSecret "") }}
 {{- end }}
 
-{{/* "true" when the controller sidecars must elect a leader: more than one replica. */}}
-{{- define "mbs-csi.leaderElection" -}}
-{{ ternary "true" "" (gt (int .Values.controller.replicas) 1) }}
+{{/* The image of one sidecar: call with (list $ <sidecar key>). Its `image` value, or the one of the first
+sidecars.releases entry whose kubeVersion constraint the cluster's version meets. */}}
+{{- define "mbs-csi.sidecarImage" -}}
+{{- $root := index . 0 }}
+{{- $key := index . 1 }}
+{{- $image := (index $root.Values.sidecars $key).image }}
+{{- if not $image }}
+{{- range $root.Values.sidecars.releases }}
+{{- if and (not $image) (semverCompare .kubeVersion $root.Capabilities.KubeVersion.Version) }}
+{{- $image = required (printf "sidecars.releases entry %q names no %s image" .kubeVersion $key) (index . $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- required (printf "no sidecars.releases entry matches Kubernetes %s: set sidecars.%s.image" $root.Capabilities.KubeVersion.Version $key) $image }}
+{{- end }}
+
+{{/* The release (semantic version, without "v") of a sidecar image: call with (list $ <sidecar key>);
+"" when its tag is not a version (a digest, "latest"). */}}
+{{- define "mbs-csi.sidecarRelease" -}}
+{{- $tag := include "mbs-csi.sidecarImage" . | splitList "@" | first | splitList ":" | last }}
+{{- if regexMatch "^v?[0-9]+\\.[0-9]+\\.[0-9]+" $tag }}{{ trimPrefix "v" $tag }}{{ end }}
+{{- end }}
+
+{{/* "true" when the snapshot sidecar, its RBAC and the VolumeSnapshotClass are made: snapshots.enabled,
+and the cluster serves the VolumeSnapshot API (or snapshots.force). */}}
+{{- define "mbs-csi.snapshots" -}}
+{{- if and .Values.snapshots.enabled (or .Values.snapshots.force (.Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1")) }}true{{ end }}
+{{- end }}
+
+{{/* The controller sidecars' --timeout: longer than a backend call may take (controller.backendTimeout,
+which bounds the wait for a worker and the call together), so the driver always answers first. */}}
+{{- define "mbs-csi.sidecarTimeout" -}}
+{{ add (int .Values.controller.backendTimeout) 60 }}s
 {{- end }}
 
 {{/* The node-stage Secret of one backend: call with (list $ <backend>); empty when the backend has none. */}}
@@ -87,6 +117,31 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- if and (eq .Values.database.type "postgresql") (not (or .Values.database.postgresql.existingSecret .Values.database.postgresql.url)) }}
 {{- fail "database.type=postgresql needs database.postgresql.existingSecret (a Secret holding the URL) or database.postgresql.url" }}
+{{- end }}
+{{- /* Bootstrap deadlock: the controller's SQLite claim, left to the cluster's default StorageClass, must not
+land on this driver's StorageClass. Checked when the chart makes the claim (a claim that exists already
+keeps the StorageClass it was given): against the chart's own StorageClasses, and against the cluster's,
+which helm looks up at install and upgrade (`helm template` finds nothing). */}}
+{{- $claim := .Values.controller.state.persistentVolumeClaim }}
+{{- $claimName := printf "%s-controller-state" (include "mbs-csi.fullname" .) }}
+{{- if and (eq .Values.database.type "sqlite") (not .Values.controller.state.hostPath) (not $claim.existingClaim) (not $claim.storageClassName) (not (lookup "v1" "PersistentVolumeClaim" .Release.Namespace $claimName)) }}
+{{- $fix := "Set controller.state.persistentVolumeClaim.storageClassName to another StorageClass (or existingClaim, or database.type=postgresql)" }}
+{{- range .Values.backends }}
+{{- $sc := dig "storageClass" dict . }}
+{{- if and (dig "create" true $sc) (dig "isDefault" false $sc) }}
+{{- fail (printf "backends[%s].storageClass.isDefault makes this driver's StorageClass the cluster default while controller.state.persistentVolumeClaim.storageClassName is empty: the controller's own SQLite claim would wait for the controller itself, which cannot start without it. %s, or drop isDefault." .name $fix) }}
+{{- end }}
+{{- end }}
+{{- range dig "items" list (lookup "storage.k8s.io/v1" "StorageClass" "" "") }}
+{{- if and (eq (dig "provisioner" "" .) $.Values.driverName) (eq (dig "metadata" "annotations" "storageclass.kubernetes.io/is-default-class" "" .) "true") }}
+{{- fail (printf "the cluster's default StorageClass %s is served by this driver (%s) while controller.state.persistentVolumeClaim.storageClassName is empty: the controller's own SQLite claim would wait for the controller itself, which cannot start without it. %s." .metadata.name $.Values.driverName $fix) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range .Values.backends }}
+{{- if hasKey (dig "storageClass" dict .) "parameters" }}
+{{- fail (printf "backends[%s].storageClass.parameters: the driver accepts no StorageClass parameter besides \"backend\" and the csi.storage.k8s.io/ keys the chart sets (fsType, the node-stage secret); remove it" .name) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -145,25 +200,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Arguments every controller sidecar takes: call with (list $ <metrics port>). */}}
+{{/* Arguments every controller sidecar takes: call with (list $ <metrics port>). Leader election is on
+at any replica count: during a rollout an old and a new pod never act at once. */}}
 {{- define "mbs-csi.sidecarArgs" -}}
 {{- $root := index . 0 -}}
 - --csi-address=/csi/csi.sock
 - --v={{ $root.Values.sidecars.logVerbosity }}
-- --timeout={{ $root.Values.sidecars.timeout }}
+- --timeout={{ include "mbs-csi.sidecarTimeout" $root }}
 - --http-endpoint=:{{ index . 1 }}
-{{- if include "mbs-csi.leaderElection" $root }}
 - --leader-election
 - --leader-election-namespace={{ $root.Release.Namespace }}
 {{- end }}
-{{- end }}
 
-{{/* Security context of the sidecar containers. */}}
+{{/* Security context of the sidecar containers (in both pods). */}}
 {{- define "mbs-csi.sidecarSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
 {{- end }}
 
 {{/* A topology map as the driver's environment wants it: "key=value,key2=value2". */}}
