@@ -245,12 +245,10 @@ def attach(connection_info: Mapping[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         raise _failure(operation, protocol, data, exc) from exc
     path = device_info.get("path") if isinstance(device_info, Mapping) else None
-    if not isinstance(path, str) or not path:
-        raise BrickError(
+    if not isinstance(path, str) or not path:  # the connection info names no device: not ours to retry
+        raise errors.FailedPrecondition(
             f"{operation} of {protocol} volume{_target(data)} returned no device path "
-            f"(os-brick gave {type(path).__name__}); this protocol cannot give the node a block device",
-            operation=operation,
-            protocol=protocol,
+            f"(os-brick gave {type(path).__name__}); this protocol cannot give the node a block device"
         )
     return _json_copy(device_info)
 
