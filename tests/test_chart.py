@@ -62,22 +62,20 @@ LEADER_ELECTED = ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-res
 Rules = dict[tuple[str, str], set[str]]
 
 # What each sidecar release's deploy/kubernetes RBAC file grants (the ClusterRole; the leader-election
-# Role is LEASES), as far as the files could be read here. None of the pinned releases' files is stored
-# in the reference index this was written from, so:
-#   csi-provisioner v5.3.0: v5.2.0's deploy/kubernetes/rbac.yaml, as a third-party project says it vendors
-#     it verbatim (csi-driver-host-path v1.17.0's sidecars), assumed unchanged in v5.3.0 (VolumeAttributesClass
-#     is behind a feature gate, off by default, in v5), less the copy's "patch volumeattachments/status" rule:
-#     the same copy is wrong about the snapshotter (see below), and that rule is the attacher's. Not verified.
-#   csi-provisioner v6.3.0: the chart's earlier rules, written for v6.3.0, plus watch and update on
-#     volumesnapshots, which issue 15 reports v6.3.0's file grants (its snapshot finalizer), and
-#     volumeattributesclasses (GA, on by default in v6); v6.3.0's file itself was not found.
-#   csi-attacher v4.12.0: equal to v4.8.0's file as vendored in the same project.
-#   csi-snapshotter v8.6.0: upstream's deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml as stored
-#     at commit 02c0340f (a v8.x file: it has the group snapshot rules; which release it belongs to could
-#     not be told). The third-party copy said to be v8.2.0's also grants delete on volumesnapshotcontents,
-#     which upstream removed in 2022 (external-snapshotter #689): that copy is not taken as evidence.
-#   csi-resizer v2.2.1: v1.13.1's file as vendored there, plus volumeattributesclasses (ModifyVolume, on by
-#     default from v2.0.0); v2.2.1's file itself was not found.
+# Role is LEASES). No pinned release's own file is stored in the reference index this was written from;
+# each entry is an exact-version copy of the file (kubernetes/kubernetes keeps them, downloaded by tag, in
+# test/e2e/testing-manifests/storage-csi/) plus every RBAC entry of the releases' CHANGELOGs since:
+#   csi-provisioner v5.3.0: v6.0.0's file (commit fde22c3f of kubernetes/kubernetes); no RBAC entry in
+#     CHANGELOG-5.0 after #1155 (patch persistentvolumes), 5.1, 5.2, 5.3 or 6.0.0.
+#   csi-provisioner v6.3.0: the same plus watch and update on volumesnapshots ("Add rbac rules to
+#     watch/update volumesnapshots", #1458, in 6.0.1, 6.1.1 and 6.2.0: the restore-source finalizer).
+#   csi-attacher v4.12.0: v3.3.0's file (commit 01aa0f3f); no RBAC entry in CHANGELOG-4.x up to 4.11
+#     (4.12's is not stored).
+#   csi-snapshotter v8.6.0: v8.4.0's file (commit 5e377f94); no RBAC entry in CHANGELOG-8.5 or 8.6. It has
+#     no create on volumesnapshotcontents: since v8.2.0 (#1171) the snapshot-controller, not the sidecar,
+#     makes the contents of a group snapshot's members.
+#   csi-resizer v2.2.1: v1.11.1's file (commit 1892e4de), whose volumeattributesclasses rule v2.0.0 made
+#     the default (#537); no other RBAC entry up to 2.2.0 (2.2.1's notes are not stored).
 EVENTS = {("", "events"): {"list", "watch", "create", "update", "patch"}}
 PROVISIONER_COMMON: Rules = {
     ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
@@ -94,7 +92,6 @@ RELEASE_RULES: dict[str, Rules] = {
     "csi-provisioner:v6.3.0": PROVISIONER_COMMON
     | {
         ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch", "update"},
-        ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
     },
     "csi-attacher:v4.12.0": {
         ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
@@ -105,8 +102,7 @@ RELEASE_RULES: dict[str, Rules] = {
     "csi-snapshotter:v8.6.0": {
         **EVENTS,
         ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
-        # create: the VolumeSnapshotContents of a group snapshot's members
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"create", "get", "list", "watch", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update", "patch"},
         ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
         ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses"): {"get", "list", "watch"},
         ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents"): {"get", "list", "watch", "update", "patch"},
@@ -121,6 +117,23 @@ RELEASE_RULES: dict[str, Rules] = {
         ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
     },
 }
+# What the chart grants beyond a release's file, each for a call the release makes that its file forgets:
+# csi-provisioner v6 reads the VolumeAttributesClass a claim names (one GET per CreateVolume, no informer:
+# pkg/controller/controller.go) to pass its parameters as mutable_parameters; v5 does so only behind a
+# feature gate the chart leaves off.
+CHART_ADDITIONS: dict[str, Rules] = {
+    "csi-provisioner:v6.3.0": {("storage.k8s.io", "volumeattributesclasses"): {"get"}},
+}
+
+
+def granted_rules(release: str) -> Rules:
+    """What the chart's ClusterRole for a sidecar release must grant: its file's rules and our additions."""
+    granted = {key: set(verbs) for key, verbs in RELEASE_RULES[release].items()}
+    for key, verbs in CHART_ADDITIONS.get(release, {}).items():
+        granted.setdefault(key, set()).update(verbs)
+    return granted
+
+
 # The driver in the controller pod reads the connector annotation of Nodes.
 DRIVER_RULES: Rules = {("", "nodes"): {"get"}}
 LEASES: Rules = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}}
@@ -389,7 +402,7 @@ def test_a_sidecar_image_set_in_values_replaces_the_releases(render):
         rendered = render(sets=(f"sidecars.provisioner.image={image}",), kube_version=kube_version)
         assert container(rendered.controller, "csi-provisioner")["image"] == image
         # ...and the provisioner's RBAC follows the release it runs.
-        assert role_rules(rendered, "provisioner") == RELEASE_RULES["csi-provisioner:v6.3.0"]
+        assert role_rules(rendered, "provisioner") == granted_rules("csi-provisioner:v6.3.0")
 
 
 @pytest.mark.parametrize("kube_version", ["1.29.9", "1.20.0"])
@@ -456,7 +469,7 @@ def test_each_sidecar_gets_exactly_the_rbac_of_its_release(rendered: Rendered):
             assert role_rules(rendered, "controller") == rules
         else:
             release = c["image"].rpartition("/")[2]
-            rules = RELEASE_RULES[release]
+            rules = granted_rules(release)
             assert role_rules(rendered, c["name"].removeprefix("csi-")) == rules, release
             assert "--leader-election" in c["args"], c["name"]
         for key, verbs in rules.items():
@@ -781,7 +794,8 @@ def test_group_snapshots_turn_on_the_snapshotters_feature_gate(render):
     granted = effective_rules(rendered, pod_spec(rendered.controller)["serviceAccountName"])
     assert granted[("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents")] >= {"get", "update", "patch"}
     assert granted[("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses")] >= {"get", "list", "watch"}
-    assert "create" in granted[("snapshot.storage.k8s.io", "volumesnapshotcontents")]
+    # The members' VolumeSnapshotContents are made by the snapshot-controller (v8.2.0 on), not the sidecar.
+    assert "create" not in granted[("snapshot.storage.k8s.io", "volumesnapshotcontents")]
 
 
 def test_snapshots_can_be_turned_off(render):
@@ -911,7 +925,7 @@ def test_without_the_snapshot_api_no_snapshot_object_is_made(render):
         forced = render(**how)
         assert forced.one("VolumeSnapshotClass")["driver"] == "mbs.csi.io", how
         assert "csi-snapshotter" in {c["name"] for c in pod_spec(forced.controller)["containers"]}, how
-        assert role_rules(forced, "snapshotter") == RELEASE_RULES["csi-snapshotter:v8.6.0"], how
+        assert role_rules(forced, "snapshotter") == granted_rules("csi-snapshotter:v8.6.0"), how
         assert "snap-metrics" in {p["name"] for p in forced.one("Service")["spec"]["ports"]}, how
 
 
