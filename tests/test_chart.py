@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mbs_csi.config import load_settings
+from mbs_csi import mutable_parameters
+from mbs_csi.config import LOOPBACK_DRIVER, Settings, load_settings
 from testkit.host import REPO
 
 CHART = REPO / "charts" / "mbs-csi"
@@ -716,6 +717,45 @@ def test_driver_accepts_the_rendered_configuration(rendered: Rendered, tmp_path:
     checked, _ = driver_settings(rendered.test_pod, rendered, tmp_path / "test")
     assert [b.all_options() for b in checked.backends] == [b.all_options() for b in settings.backends]
     assert checked.database == settings.database
+
+
+def test_every_driver_key_of_a_backend_and_the_controller_reaches_the_driver(render, tmp_path: Path):
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "alphaCapabilities": False,
+                "controller": {"auditInterval": 120},
+                "node": {"maxVolumesPerNode": 16},
+                "backends": [
+                    {
+                        "name": "loop",
+                        "volume_driver": LOOPBACK_DRIVER,
+                        "driver_options": {"loopback_dir": "/var/lib/mbs-csi/loop"},
+                        "mutable_parameters": ["total_iops_sec", "read_bytes_sec"],
+                        "max_volumes_per_node": 3,
+                    },
+                    {"name": "plain", "volume_driver": LOOPBACK_DRIVER},
+                ],
+            }
+        )
+    )
+    rendered = render(values)
+    (tmp_path / "controller").mkdir()
+    settings, _ = driver_settings(rendered.controller, rendered, tmp_path / "controller")
+    assert settings.alpha_capabilities is False
+    assert settings.audit_interval == 120
+    assert settings.max_volumes_per_node == 16
+    loop, plain = settings.backends
+    assert loop.mutable_parameters == ("total_iops_sec", "read_bytes_sec") and loop.max_volumes_per_node == 3
+    # Keys a backend leaves out keep the driver's defaults (for loopback, the QoS limits).
+    assert plain.max_volumes_per_node == 0
+    assert plain.mutable_parameters == mutable_parameters.default_for(LOOPBACK_DRIVER) != ()
+    # And the chart's defaults are the driver's.
+    (tmp_path / "defaults").mkdir()
+    plain_install = render()
+    defaults, _ = driver_settings(plain_install.controller, plain_install, tmp_path / "defaults")
+    assert (defaults.alpha_capabilities, defaults.audit_interval) == (True, Settings().audit_interval)
 
 
 def test_iscsi_example_keeps_the_password_out_of_the_configmap(render):
