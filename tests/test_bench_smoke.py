@@ -14,26 +14,16 @@ from testkit.host import REPO
 pytestmark = pytest.mark.slow
 
 
+def run_benchmark(*args: str) -> None:
+    """Run ``python -m <args>``; on failure, fail with the end of what it printed (the traceback)."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{args[0]} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 def test_controller_benchmark_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.controller",
-            "--quick",
-            "--backends",
-            "loopback",
-            "--concurrency",
-            "1,2",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    run_benchmark("bench.controller", "--quick", "--backends", "loopback", "--concurrency", "1,2", "--json", str(out))
     report = json.loads(out.read_text())
     loopback = report["backends"]["loopback"]
     assert set(loopback["results"]) == {"volume/1", "volume/2", "snapshot/1", "snapshot/2"}
@@ -48,13 +38,7 @@ def test_controller_benchmark_runs_and_reports_ratios(tmp_path):
 
 def test_node_benchmark_runs_and_reports_its_figures(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, "-m", "bench.node", "--runs", "1", "--cycles", "2", "--json", str(out)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    run_benchmark("bench.node", "--runs", "1", "--cycles", "2", "--json", str(out))
     report = json.loads(out.read_text())
     for role in ("node", "controller"):
         assert report["startup"][role]["ready_s"] > 0 and report["startup"][role]["rss_mib"] > 0
