@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ import grpc
 import pytest
 
 from csi import csi_pb2 as pb
-from testkit.controller import ZONE_KEY, ControllerUnderTest, controller_on, unique
+from testkit.controller import ZONE_KEY, ControllerUnderTest, controller_on, loopback_backend, unique
 from testkit.csi_requests import GIB, Mode, block_cap, create_request, mount_cap
 from testkit.rpc import rpc_error
 from testkit.wait import wait_until
@@ -411,13 +412,31 @@ def test_list_volumes_paginates_in_a_stable_order(ctl):
         delete(ctl, volume_id)
 
 
-def test_get_capacity_reports_the_backend_filesystem(ctl):
-    stat = os.statvfs(ctl.loopback)
-    answer = ctl.stub.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[mount_cap()]))
-    # The answer comes from stats up to STATS_TTL old, and other tests write to the same filesystem
-    # meanwhile; a wrong measure (free rather than available blocks, GB for GiB) is off by far more.
-    assert abs(answer.available_capacity - stat.f_bavail * stat.f_frsize) < GIB
+def test_get_capacity_reports_the_backend_filesystem(tmp_path):
+    """The loopback backend's capacity is its filesystem's available space, measured on a tmpfs of its
+    own that nothing else on the machine writes to. Cinder's stats carry GiB to two decimals, so the
+    figure must match to 0.005 GiB."""
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3g", "mbs-capacity-test", str(directory)], check=True)
+    try:
+        (directory / "taken").write_bytes(b"\0" * (512 << 20))  # so that available != size
+        backend = loopback_backend(directory / "loopback")
+        controller = ControllerUnderTest(None, backends=[backend])
+        try:
+            answer = controller.stub.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[mount_cap()]))
+            stat = os.statvfs(directory)
+        finally:
+            controller.close()
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+    assert abs(answer.available_capacity - stat.f_bavail * stat.f_frsize) <= 0.005 * GIB
+    assert abs(answer.available_capacity - 2.5 * GIB) <= 0.005 * GIB
     assert answer.minimum_volume_size.value == GIB
+
+
+def test_get_capacity_answers_for_the_capabilities_and_topology_asked(ctl):
+    assert ctl.stub.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[mount_cap()])).available_capacity > 0
     unsupported = ctl.stub.GetCapacity(
         pb.GetCapacityRequest(volume_capabilities=[block_cap(Mode.MULTI_NODE_MULTI_WRITER)])
     )
