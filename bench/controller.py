@@ -39,7 +39,7 @@ from mbs_csi.controller.worker_config import worker_config
 from testkit.controller import ControllerUnderTest
 from testkit.csi_requests import GIB, create_request, mount_cap
 from testkit.host import REPO
-from testkit.processes import ProcessTree
+from testkit.processes import ProcessTree, exit_on_sigterm
 from testkit.wait import wait_until
 
 
@@ -347,6 +347,7 @@ def table(name: str, results: dict, derived: dict) -> str:
 
 
 def main() -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="loopback,ceph")
     parser.add_argument("--concurrency", default="1,4,16")

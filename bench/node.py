@@ -44,7 +44,7 @@ from testkit.controller import ControllerUnderTest
 from testkit.csi_requests import create_request, mount_cap
 from testkit.driver import driver_env
 from testkit.host import REPO, short_tmpdir
-from testkit.processes import ProcessTree
+from testkit.processes import ProcessTree, exit_on_sigterm
 from testkit.wait import wait_until
 
 NODE = "bench-node"
@@ -272,6 +272,7 @@ def summarize_cycles(timings: dict[str, list[float]]) -> dict:
 
 
 def main() -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="process starts per role")
     parser.add_argument("--cycles", type=int, default=20, help="stage/publish/unpublish/unstage cycles")

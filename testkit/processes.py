@@ -74,6 +74,16 @@ def kill_tagged(var: str, value: str) -> None:
     wait_until(none_left, KILL_TIMEOUT, lambda: f"{var}={value} to die: {[describe(p) for p in tagged(var, value)]}")
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, ``timeout``) into ``SystemExit``, so that a benchmark's ``finally`` blocks
+    stop the drivers and clusters it started instead of leaving them running."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 class ProcessTree:
     """``argv`` started in a session of its own, tagged: :meth:`kill` stops it and all its descendants."""
 

@@ -4,19 +4,19 @@ performance is measured by running the benchmark, not by tests)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
 from testkit.host import REPO
+from testkit.processes import run_tree
 
 pytestmark = pytest.mark.slow
 
 
 def run_benchmark(*args: str) -> None:
     """Run ``python -m <args>``; on failure, fail with the end of what it printed (the traceback)."""
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_tree([sys.executable, "-m", *args], timeout=600, cwd=REPO)  # on a timeout, its drivers go too
     if proc.returncode != 0:
         pytest.fail(f"{args[0]} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
