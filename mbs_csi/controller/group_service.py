@@ -17,8 +17,8 @@ from csi import csi_pb2, csi_pb2_grpc
 from mbs_csi import errors
 from mbs_csi.capabilities import require
 from mbs_csi.controller import validate
-from mbs_csi.controller.records import GroupSnapshotRecord
-from mbs_csi.controller.service import ControllerService, _timestamp
+from mbs_csi.controller.messages import csi_group_snapshot
+from mbs_csi.controller.service import ControllerService
 
 GroupRPC = csi_pb2.GroupControllerServiceCapability.RPC
 CONSISTENCY_PARAMETER = "consistency"
@@ -47,15 +47,6 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
         self.controller = controller
         self.backend = controller.backend
         self.inflight = controller.inflight  # one set of locks for snapshots and group snapshots
-
-    def _csi_group_snapshot(self, record: GroupSnapshotRecord) -> csi_pb2.VolumeGroupSnapshot:
-        snapshots = [self.controller._csi_snapshot(s) for s in record.snapshots]
-        return csi_pb2.VolumeGroupSnapshot(
-            group_snapshot_id=record.id,
-            snapshots=snapshots,
-            creation_time=_timestamp(record.created_at),
-            ready_to_use=record.status == "available" and all(s.ready_to_use for s in snapshots),
-        )
 
     def GroupControllerGetCapabilities(
         self, request: csi_pb2.GroupControllerGetCapabilitiesRequest, context: grpc.ServicerContext
@@ -88,7 +79,7 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
                 f"group snapshot {request.name} already exists ({record.id}) of other volumes: "
                 + ", ".join(sorted(record.source_volume_ids))
             )
-        return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=self._csi_group_snapshot(record))
+        return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=csi_group_snapshot(record))
 
     def DeleteVolumeGroupSnapshot(
         self, request: csi_pb2.DeleteVolumeGroupSnapshotRequest, context: grpc.ServicerContext
@@ -113,4 +104,4 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
         if record is None or record.status != "available":
             raise errors.NotFound(f"group snapshot {request.group_snapshot_id} does not exist")
         record.check_members(snapshot_ids)
-        return csi_pb2.GetVolumeGroupSnapshotResponse(group_snapshot=self._csi_group_snapshot(record))
+        return csi_pb2.GetVolumeGroupSnapshotResponse(group_snapshot=csi_group_snapshot(record))

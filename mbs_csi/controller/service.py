@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi import csi_pb2, csi_pb2_grpc
 from mbs_csi import alpha, errors, mutable_parameters
@@ -20,8 +19,9 @@ from mbs_csi.capabilities import access, require
 from mbs_csi.config import Backend, Settings
 from mbs_csi.controller import validate
 from mbs_csi.controller.connector_store import ConnectorStore, gone_or_present
+from mbs_csi.controller.messages import csi_snapshot
 from mbs_csi.controller.operations import BackendOperations
-from mbs_csi.controller.records import GIB, AttachLimits, SnapshotRecord, VolumeRecord
+from mbs_csi.controller.records import GIB, AttachLimits, VolumeRecord
 from mbs_csi.inflight import DatabaseLocks, InFlight
 from mbs_csi.publish_context import to_publish_context
 
@@ -44,12 +44,6 @@ def _digest(parameters: dict[str, str]) -> str:
 
 def _parameters_digest(parameters: dict[str, str]) -> str:
     return _digest({k: v for k, v in parameters.items() if not k.startswith(validate.K8S_PARAMETER_PREFIX)})
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def attach_limits(settings: Settings) -> AttachLimits:
@@ -118,17 +112,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             volume_context={"backend": record.backend},
             content_source=source if source.WhichOneof("type") else None,
             accessible_topology=validate.accessible_topology(backend, None) if backend else [],
-        )
-
-    @staticmethod
-    def _csi_snapshot(record: SnapshotRecord) -> csi_pb2.Snapshot:
-        return csi_pb2.Snapshot(
-            size_bytes=record.size_bytes,
-            snapshot_id=record.id,
-            source_volume_id=record.volume_id,
-            creation_time=_timestamp(record.created_at),
-            ready_to_use=record.status == "available",
-            group_snapshot_id=record.group_snapshot_id or "",
         )
 
     # --- volumes ------------------------------------------------------------------------------------
@@ -387,7 +370,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise errors.AlreadyExists(
                     f"snapshot {request.name} already exists ({record.id}) of another volume, {record.volume_id}"
                 )
-        return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(record))
+        return csi_pb2.CreateSnapshotResponse(snapshot=csi_snapshot(record))
 
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
@@ -409,7 +392,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             records = [s for s in records if s.volume_id == request.source_volume_id]
         page, next_token = paginate(records, lambda s: s.id, request.max_entries, request.starting_token)
         return csi_pb2.ListSnapshotsResponse(
-            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._csi_snapshot(s)) for s in page],
+            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=csi_snapshot(s)) for s in page],
             next_token=next_token,
         )
 
@@ -421,4 +404,4 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         record = self.backend.get_snapshot(request.snapshot_id)
         if record is None or record.status != "available":
             raise errors.NotFound(f"snapshot {request.snapshot_id} does not exist")
-        return csi_pb2.GetSnapshotResponse(snapshot=self._csi_snapshot(record))
+        return csi_pb2.GetSnapshotResponse(snapshot=csi_snapshot(record))
