@@ -406,8 +406,8 @@ class Settings:
     alpha_capabilities: bool = setting(
         True,
         "advertise the CSI spec's alpha capabilities (GET_SNAPSHOT, GET_VOLUME, VOLUME_CONDITION, "
-        "SINGLE_NODE_MULTI_WRITER); `false` for sidecars that stop on them: csi-provisioner v5.2.0 and others "
-        "on csi-lib-utils < v0.21, csi-sanity v5.4.0. The alpha calls still answer",
+        "SINGLE_NODE_MULTI_WRITER); `false` for sidecars that stop on them: those on csi-lib-utils v0.20.x "
+        "(csi-provisioner v5.2.0), csi-sanity v5.4.0. The alpha calls still answer",
         "true or false",
         _bool,
         from_text=_bool_text,
