@@ -70,8 +70,8 @@ Rules = dict[tuple[str, str], set[str]]
 #     CHANGELOG-5.0 after #1155 (patch persistentvolumes), 5.1, 5.2, 5.3 or 6.0.0.
 #   csi-provisioner v6.3.0: the same plus watch and update on volumesnapshots ("Add rbac rules to
 #     watch/update volumesnapshots", #1458, in 6.0.1, 6.1.1 and 6.2.0: the restore-source finalizer).
-#   csi-attacher v4.12.0: v3.3.0's file (commit 01aa0f3f); no RBAC entry in CHANGELOG-4.x up to 4.11
-#     (4.12's is not stored).
+#   csi-attacher v4.12.0: v3.3.0's file (commit 01aa0f3f); no RBAC entry in CHANGELOG-3.4 to 4.11 (4.12's
+#     is not stored).
 #   csi-snapshotter v8.6.0: v8.4.0's file (commit 5e377f94); no RBAC entry in CHANGELOG-8.5 or 8.6. It has
 #     no create on volumesnapshotcontents: since v8.2.0 (#1171) the snapshot-controller, not the sidecar,
 #     makes the contents of a group snapshot's members.
