@@ -3,6 +3,7 @@ loopback backend and in the real database (SQLite and PostgreSQL) of a running c
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from pathlib import Path
 
@@ -110,6 +111,54 @@ def test_audit_lists_planted_orphans_and_fixes_only_the_provable_ones(ctl):
     for volume_id in (vanished, published, healthy):
         ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
     assert audit(ctl)[0] == 0
+
+
+def test_audit_reports_creates_interrupted_and_never_retried(ctl):
+    """A row still ``creating`` long after its call (a create killed after recording it, never retried) is
+    reported, and nothing else is; the next create of its name, or a delete of its id, clears it."""
+    long_ago = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - datetime.timedelta(hours=2)
+    names = {kind: unique(kind) for kind in ("abandoned", "retried", "deleted", "source")}
+    made = {kind: ctl.stub.CreateVolume(create_request(name)).volume.volume_id for kind, name in names.items()}
+    source = made["source"]
+    snapshot_name = unique("snap")
+    snapshot = ctl.stub.CreateSnapshot(
+        pb.CreateSnapshotRequest(name=snapshot_name, source_volume_id=source)
+    ).snapshot.snapshot_id
+    # As a create leaves its row when the process dies between recording it and finishing it.
+    for kind in ("abandoned", "retried", "deleted"):
+        ctl.execute(
+            "UPDATE volumes SET status = 'creating', created_at = :at WHERE id = :id", at=long_ago, id=made[kind]
+        )
+    ctl.execute("UPDATE snapshots SET status = 'creating', created_at = :at WHERE id = :id", at=long_ago, id=snapshot)
+    # A create that may still be running: recorded just now.
+    running = ctl.stub.CreateVolume(create_request(unique())).volume.volume_id
+    ctl.execute("UPDATE volumes SET status = 'creating' WHERE id = :id", id=running)
+
+    code, report = audit(ctl)
+    assert code == 1
+    assert by_kind(report) == {
+        "interrupted_create": {made["abandoned"], made["retried"], made["deleted"], snapshot},
+    }
+    detail = next(f["detail"] for f in report["findings"] if f["name"] == made["abandoned"])
+    assert f"the next create named {names['abandoned']} removes it" in detail
+    assert not any(f["fixable"] for f in report["findings"])
+    assert audit(ctl, "--fix")[1]["fixed"] == []  # the CO may still retry: never removed by the audit
+
+    # The CO's retry of the same name removes the leftover and makes the volume anew.
+    retried = ctl.stub.CreateVolume(create_request(names["retried"])).volume.volume_id
+    assert retried != made["retried"] and not ctl.volume_file(made["retried"]).exists()
+    ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=made["deleted"]))
+    assert not ctl.volume_file(made["deleted"]).exists()
+    again = ctl.stub.CreateSnapshot(pb.CreateSnapshotRequest(name=snapshot_name, source_volume_id=source)).snapshot
+    assert again.snapshot_id != snapshot and again.ready_to_use
+    assert by_kind(audit(ctl)[1]) == {"interrupted_create": {made["abandoned"]}}
+
+    ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=made["abandoned"]))
+    ctl.execute("UPDATE volumes SET status = 'available' WHERE id = :id", id=running)
+    ctl.stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=again.snapshot_id))
+    for volume_id in (retried, source, running):
+        ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
+    assert audit(ctl) == (0, {"findings": [], "counts": audit(ctl)[1]["counts"], "skipped": [], "fixed": []})
 
 
 def test_the_controller_audits_periodically_and_exports_the_counts():

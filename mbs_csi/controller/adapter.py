@@ -70,6 +70,9 @@ class Adapter(BackendOperations):
         self.groups = Groups(engine, self.rows, self.backends, self._require_volume, self._destroy_snapshot)
         self.accepted = {spec.name: spec.mutable_parameters for spec in config.backends}  # mutable parameters
         self.slots = NodeSlots(self.rows.engine)
+        # No call runs longer than backend_timeout (its worker is replaced): a create still recorded as
+        # ``creating`` twice that long after it began was interrupted, and nobody retried it.
+        self.interrupted_after = datetime.timedelta(seconds=2 * config.backend_timeout)
 
     @property
     def backend_errors(self) -> dict[str, str | None]:
@@ -392,7 +395,12 @@ class Adapter(BackendOperations):
 
     def audit(self, connector_store: str) -> AuditReport:
         return storage_audit.audit(
-            self.backends, self.persistence, self.rows.engine, connector_store, self._stored_connector
+            self.backends,
+            self.persistence,
+            self.rows.engine,
+            connector_store,
+            self._stored_connector,
+            self.interrupted_after,
         )
 
     def fix_findings(self, findings: list[Finding], connector_store: str) -> list[str]:

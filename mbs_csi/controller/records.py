@@ -133,6 +133,7 @@ RECORD_WITHOUT_VOLUME = "record_without_volume"  # a row whose volume the storag
 RECORD_WITHOUT_SNAPSHOT = "record_without_snapshot"
 CONNECTION_TO_MISSING_NODE = "connection_to_missing_node"  # published to a node whose connector is gone
 TEMPORARY_LEFTOVER = "temporary_leftover"  # a crashed create's temp file (loopback's ``.tmp-*``)
+INTERRUPTED_CREATE = "interrupted_create"  # a row ``creating`` for longer than any call may take
 FINDING_KINDS = (
     VOLUME_WITHOUT_RECORD,
     SNAPSHOT_WITHOUT_RECORD,
@@ -140,6 +141,7 @@ FINDING_KINDS = (
     RECORD_WITHOUT_SNAPSHOT,
     CONNECTION_TO_MISSING_NODE,
     TEMPORARY_LEFTOVER,
+    INTERRUPTED_CREATE,
 )
 
 

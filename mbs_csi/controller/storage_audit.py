@@ -12,6 +12,11 @@ listing saw has its row by the time the rows are read; rows newer than the audit
 still ``creating``, are not compared at all. A delete removes the storage before the row, and a create
 may finish between the listing and the reading: what the first look finds is looked at once more, and
 only what both looks show is reported.
+
+A row still ``creating`` long after any call could be making it is reported on its own: its create was
+interrupted (a killed worker or front) and the CO never asked again. The CO never got its id, so no
+PersistentVolume or VolumeSnapshotContent points at it; the next create of the same name removes it, or
+DeleteVolume/DeleteSnapshot on its id does.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mbs_csi.controller.backends import Backends
 from mbs_csi.controller.records import (
     CONNECTION_TO_MISSING_NODE,
     DATABASE_STORE,
+    INTERRUPTED_CREATE,
     RECORD_WITHOUT_SNAPSHOT,
     RECORD_WITHOUT_VOLUME,
     SNAPSHOT_WITHOUT_RECORD,
@@ -79,14 +85,43 @@ def audit(
     engine: sqlalchemy.engine.Engine,
     connector_store: str,
     stored_connector: Callable[[str], dict[str, Any] | None],
+    interrupted_after: datetime.timedelta,
 ) -> AuditReport:
     """Storage against records (twice when the first look finds something: see :func:`_confirmed`),
-    leftovers, and the publications."""
+    leftovers, creates ``creating`` for longer than ``interrupted_after``, and the publications."""
     findings, skipped = _storage_against_records(backends, persistence)
     if findings:
         findings = _confirmed(findings, _storage_against_records(backends, persistence)[0])
+    findings += _interrupted_creates(persistence, interrupted_after)
     report_nodes, publications = _publications(engine, connector_store, stored_connector)
     return AuditReport(tuple(findings + report_nodes), tuple(publications), tuple(skipped))
+
+
+def _interrupted_creates(persistence: Any, interrupted_after: datetime.timedelta) -> list[Finding]:
+    """Volume and snapshot rows ``creating`` since before ``interrupted_after`` ago (a group snapshot's
+    members are snapshots)."""
+    before = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - interrupted_after
+    volumes = persistence.get_volumes()
+    backend_of_volume = {v.id: v.backend.id for v in volumes}
+    findings = []
+    for kind, rows in (("volume", volumes), ("snapshot", persistence.get_snapshots())):
+        for row in rows:
+            if row.status not in NOT_COMPARED or _naive(row._ovo.created_at) >= before:
+                continue
+            volume_id = row.id if kind == "volume" else row.volume_id
+            findings.append(
+                Finding(
+                    INTERRUPTED_CREATE,
+                    backend_of_volume.get(volume_id, ""),
+                    row.id,
+                    f"{kind} {row._ovo.display_name} has been creating since "
+                    f"{_naive(row._ovo.created_at):%Y-%m-%d %H:%M:%S} UTC: its create was interrupted and never "
+                    "retried. No PersistentVolume or snapshot content can point at it; the next create named "
+                    f"{row._ovo.display_name} removes it, and so does Delete{kind.capitalize()} on {row.id}",
+                    volume_id=volume_id,
+                )
+            )
+    return findings
 
 
 def _confirmed(first: list[Finding], second: list[Finding]) -> list[Finding]:
