@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy
 
 from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc
 from testkit.controller import ControllerUnderTest, controller_on, unique
 from testkit.csi_requests import create_request, mount_cap
 from testkit.host import free_port
@@ -130,6 +131,15 @@ def test_audit_reports_creates_interrupted_and_never_retried(ctl):
             "UPDATE volumes SET status = 'creating', created_at = :at WHERE id = :id", at=long_ago, id=made[kind]
         )
     ctl.execute("UPDATE snapshots SET status = 'creating', created_at = :at WHERE id = :id", at=long_ago, id=snapshot)
+    # A group snapshot's member: its group snapshot is what the CO retries or deletes.
+    groups = csi_pb2_grpc.GroupControllerStub(ctl.driver.channel)
+    group = groups.CreateVolumeGroupSnapshot(
+        pb.CreateVolumeGroupSnapshotRequest(
+            name=unique("group"), source_volume_ids=[source], parameters={"consistency": "loose"}
+        )
+    ).group_snapshot
+    (member,) = [s.snapshot_id for s in group.snapshots]
+    ctl.execute("UPDATE snapshots SET status = 'creating', created_at = :at WHERE id = :id", at=long_ago, id=member)
     # A create that may still be running: recorded just now.
     running = ctl.stub.CreateVolume(create_request(unique())).volume.volume_id
     ctl.execute("UPDATE volumes SET status = 'creating' WHERE id = :id", id=running)
@@ -137,10 +147,13 @@ def test_audit_reports_creates_interrupted_and_never_retried(ctl):
     code, report = audit(ctl)
     assert code == 1
     assert by_kind(report) == {
-        "interrupted_create": {made["abandoned"], made["retried"], made["deleted"], snapshot},
+        "interrupted_create": {made["abandoned"], made["retried"], made["deleted"], snapshot, member},
     }
     detail = next(f["detail"] for f in report["findings"] if f["name"] == made["abandoned"])
-    assert f"the next create named {names['abandoned']} removes it" in detail
+    assert f"the next create of {names['abandoned']}'s name removes it" in detail
+    assert f"DeleteVolume on {made['abandoned']}" in detail
+    detail = next(f["detail"] for f in report["findings"] if f["name"] == member)
+    assert f"DeleteVolumeGroupSnapshot on {group.group_snapshot_id}" in detail
     assert not any(f["fixable"] for f in report["findings"])
     assert audit(ctl, "--fix")[1]["fixed"] == []  # the CO may still retry: never removed by the audit
 
@@ -151,6 +164,9 @@ def test_audit_reports_creates_interrupted_and_never_retried(ctl):
     assert not ctl.volume_file(made["deleted"]).exists()
     again = ctl.stub.CreateSnapshot(pb.CreateSnapshotRequest(name=snapshot_name, source_volume_id=source)).snapshot
     assert again.snapshot_id != snapshot and again.ready_to_use
+    groups.DeleteVolumeGroupSnapshot(
+        pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id, snapshot_ids=[member])
+    )
     assert by_kind(audit(ctl)[1]) == {"interrupted_create": {made["abandoned"]}}
 
     ctl.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=made["abandoned"]))

@@ -109,15 +109,25 @@ def _interrupted_creates(persistence: Any, interrupted_after: datetime.timedelta
             if row.status not in NOT_COMPARED or _naive(row._ovo.created_at) >= before:
                 continue
             volume_id = row.id if kind == "volume" else row.volume_id
+            group_snapshot_id = getattr(row._ovo, "group_snapshot_id", None)
+            what, cleared_by = (
+                (f"member {row.id} of group snapshot {group_snapshot_id}", "its group snapshot's")
+                if group_snapshot_id
+                else (f"{kind} {row._ovo.display_name}", f"{row._ovo.display_name}'s")
+            )
+            remedy = (
+                f"DeleteVolumeGroupSnapshot on {group_snapshot_id}"
+                if group_snapshot_id
+                else f"Delete{kind.capitalize()} on {row.id}"
+            )
             findings.append(
                 Finding(
                     INTERRUPTED_CREATE,
                     backend_of_volume.get(volume_id, ""),
                     row.id,
-                    f"{kind} {row._ovo.display_name} has been creating since "
-                    f"{_naive(row._ovo.created_at):%Y-%m-%d %H:%M:%S} UTC: its create was interrupted and never "
-                    "retried. No PersistentVolume or snapshot content can point at it; the next create named "
-                    f"{row._ovo.display_name} removes it, and so does Delete{kind.capitalize()} on {row.id}",
+                    f"{what} has been creating since {_naive(row._ovo.created_at):%Y-%m-%d %H:%M:%S} UTC: its "
+                    "create was interrupted and never retried. No PersistentVolume or snapshot content can point "
+                    f"at it; the next create of {cleared_by} name removes it, and so does {remedy}",
                     volume_id=volume_id,
                 )
             )
