@@ -150,7 +150,7 @@ def test_audit_reports_creates_interrupted_and_never_retried(ctl):
         "interrupted_create": {made["abandoned"], made["retried"], made["deleted"], snapshot, member},
     }
     detail = next(f["detail"] for f in report["findings"] if f["name"] == made["abandoned"])
-    assert f"the next create of {names['abandoned']}'s name removes it" in detail
+    assert f"the next create named {names['abandoned']} removes it" in detail
     assert f"DeleteVolume on {made['abandoned']}" in detail
     detail = next(f["detail"] for f in report["findings"] if f["name"] == member)
     assert f"DeleteVolumeGroupSnapshot on {group.group_snapshot_id}" in detail

@@ -109,25 +109,12 @@ def _interrupted_creates(persistence: Any, interrupted_after: datetime.timedelta
             if row.status not in NOT_COMPARED or _naive(row._ovo.created_at) >= before:
                 continue
             volume_id = row.id if kind == "volume" else row.volume_id
-            group_snapshot_id = getattr(row._ovo, "group_snapshot_id", None)
-            what, cleared_by = (
-                (f"member {row.id} of group snapshot {group_snapshot_id}", "its group snapshot's")
-                if group_snapshot_id
-                else (f"{kind} {row._ovo.display_name}", f"{row._ovo.display_name}'s")
-            )
-            remedy = (
-                f"DeleteVolumeGroupSnapshot on {group_snapshot_id}"
-                if group_snapshot_id
-                else f"Delete{kind.capitalize()} on {row.id}"
-            )
             findings.append(
                 Finding(
                     INTERRUPTED_CREATE,
                     backend_of_volume.get(volume_id, ""),
                     row.id,
-                    f"{what} has been creating since {_naive(row._ovo.created_at):%Y-%m-%d %H:%M:%S} UTC: its "
-                    "create was interrupted and never retried. No PersistentVolume or snapshot content can point "
-                    f"at it; the next create of {cleared_by} name removes it, and so does {remedy}",
+                    _interrupted_detail(kind, row),
                     volume_id=volume_id,
                 )
             )
@@ -218,6 +205,23 @@ def _compare(
             )
         )
     return findings
+
+
+def _interrupted_detail(kind: str, row: Any) -> str:
+    """What an interrupted create left, and the calls that clear it (the CO's retry, or a delete)."""
+    since = f"has been creating since {_naive(row._ovo.created_at):%Y-%m-%d %H:%M:%S} UTC"
+    why = "its create was interrupted and never retried. No PersistentVolume or snapshot content can point at it"
+    group_snapshot_id = getattr(row._ovo, "group_snapshot_id", None)
+    if group_snapshot_id:  # DeleteSnapshot refuses a member: its group snapshot is what is retried or deleted
+        return (
+            f"member {row.id} of group snapshot {group_snapshot_id} {since}: {why}; the next create of that group "
+            f"snapshot's name removes it, and so does DeleteVolumeGroupSnapshot on {group_snapshot_id}"
+        )
+    name = row._ovo.display_name
+    return (
+        f"{kind} {name} {since}: {why}; the next create named {name} removes it, and so does "
+        f"Delete{kind.capitalize()} on {row.id}"
+    )
 
 
 def _publications(
