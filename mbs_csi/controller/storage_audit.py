@@ -25,7 +25,7 @@ import datetime
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy
 from cinder.volume import volume_utils
@@ -56,6 +56,14 @@ _PUBLICATIONS = sqlalchemy.text(
     "SELECT a.volume_id, a.attached_host, v.host FROM volume_attachment a JOIN volumes v ON v.id = a.volume_id "
     "WHERE a.deleted = :deleted AND v.deleted = :deleted"
 )
+
+
+class _Rows(NamedTuple):
+    """The volume and snapshot rows one look read, and each volume's backend."""
+
+    volumes: list[Any]
+    snapshots: list[Any]
+    backend_of_volume: dict[str, str]
 
 
 def _ids(names: list[str], extract: Callable[[str], str | None]) -> dict[str, str]:
@@ -89,30 +97,28 @@ def audit(
 ) -> AuditReport:
     """Storage against records (twice when the first look finds something: see :func:`_confirmed`),
     leftovers, creates ``creating`` for longer than ``interrupted_after``, and the publications."""
-    findings, skipped = _storage_against_records(backends, persistence)
+    findings, skipped, rows = _storage_against_records(backends, persistence)
     if findings:
         findings = _confirmed(findings, _storage_against_records(backends, persistence)[0])
-    findings += _interrupted_creates(persistence, interrupted_after)
+    findings += _interrupted_creates(rows, interrupted_after)
     report_nodes, publications = _publications(engine, connector_store, stored_connector)
     return AuditReport(tuple(findings + report_nodes), tuple(publications), tuple(skipped))
 
 
-def _interrupted_creates(persistence: Any, interrupted_after: datetime.timedelta) -> list[Finding]:
+def _interrupted_creates(rows: _Rows, interrupted_after: datetime.timedelta) -> list[Finding]:
     """Volume and snapshot rows ``creating`` since before ``interrupted_after`` ago (a group snapshot's
     members are snapshots)."""
     before = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - interrupted_after
-    volumes = persistence.get_volumes()
-    backend_of_volume = {v.id: v.backend.id for v in volumes}
     findings = []
-    for kind, rows in (("volume", volumes), ("snapshot", persistence.get_snapshots())):
-        for row in rows:
+    for kind, of_kind in (("volume", rows.volumes), ("snapshot", rows.snapshots)):
+        for row in of_kind:
             if row.status not in NOT_COMPARED or _naive(row._ovo.created_at) >= before:
                 continue
             volume_id = row.id if kind == "volume" else row.volume_id
             findings.append(
                 Finding(
                     INTERRUPTED_CREATE,
-                    backend_of_volume.get(volume_id, ""),
+                    rows.backend_of_volume.get(volume_id, ""),
                     row.id,
                     _interrupted_detail(kind, row),
                     volume_id=volume_id,
@@ -129,7 +135,7 @@ def _confirmed(first: list[Finding], second: list[Finding]) -> list[Finding]:
     return [f for f in first if (f.kind, f.backend, f.name) in again]
 
 
-def _storage_against_records(backends: Backends, persistence: Any) -> tuple[list[Finding], list[str]]:
+def _storage_against_records(backends: Backends, persistence: Any) -> tuple[list[Finding], list[str], _Rows]:
     started = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     findings: list[Finding] = []
     skipped: list[str] = []
@@ -160,7 +166,7 @@ def _storage_against_records(backends: Backends, persistence: Any) -> tuple[list
         )
         own_snapshots = [s for s in snapshots if backend_of_volume.get(s.volume_id) == name]
         findings += _compare(name, "snapshot", snapshots_on_storage, own_snapshots, snapshots, started)
-    return findings, skipped
+    return findings, skipped, _Rows(volumes, snapshots, backend_of_volume)
 
 
 def _compare(
