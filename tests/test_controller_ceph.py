@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -183,9 +184,13 @@ def test_a_blocklisted_connection_is_replaced_without_failing_a_call(ceph, ceph_
     # The OSD enforces what its map says.
     wait_until(lambda: admin_socket(ceph, "osd.0", "status")["newest_map"] >= epoch, 60, "the OSD to see the blocklist")
     try:
-        made = [stub.CreateVolume(create_request(f"pvc-ceph-bl-{i}")).volume for i in range(8)]
-        for volume in [*made, *warm]:
-            stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+        # As many calls at once as there are workers, so that every worker serves calls on its blocklisted
+        # connection (one after the other, the same idle worker could take them all and another keep its
+        # connection open, untouched).
+        with ThreadPoolExecutor(ceph_ctl.settings.backend_workers) as calls:
+            made = list(calls.map(lambda i: stub.CreateVolume(create_request(f"pvc-ceph-bl-{i}")).volume, range(8)))
+            delete = pb.DeleteVolumeRequest
+            list(calls.map(lambda volume: stub.DeleteVolume(delete(volume_id=volume.volume_id)), [*made, *warm]))
         assert not set(addresses) & set(cinder_client_addresses(ceph)), "a blocklisted connection is still open"
     finally:
         ceph.ceph("osd", "blocklist", "clear")
